@@ -1,0 +1,138 @@
+"""Typed, strict views of ``params.yaml``.
+
+Each stage validates the sections it reads with a frozen pydantic model whose ``extra="forbid"``
+turns a typo in a key into an error naming the key. Section models for the data stages live here;
+the models of other stages live beside their logic (``medpipe.training.config``, ...) and are
+read through :func:`load_section`, so there is one obvious way to read any parameter.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PARAMS_FILE = "params.yaml"
+SECTIONS = (
+    "seed", "dataset", "image_size", "download", "preprocess", "split", "augment",
+    "train", "cnn", "resnet", "classical", "segment", "evaluate", "mlflow",
+)
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing a key, has an unknown key, or holds a wrong value."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DownloadConfig(Strict):
+    timeout_s: float = Field(60.0, gt=0)
+
+
+class PreprocessConfig(Strict):
+    workers: int = Field(2, ge=1, le=64)
+    crop: Literal["auto", "brain_contour", "scan_area", "none"] = "auto"
+
+
+class SplitConfig(Strict):
+    train: float = Field(0.70, gt=0, lt=1)
+    val: float = Field(0.15, gt=0, lt=1)
+    test: float = Field(0.15, gt=0, lt=1)
+    seed: int = 42
+    near_duplicate_distance: int = Field(4, ge=-1, le=64)
+    conflicting_labels: Literal["drop", "keep"] = "drop"
+    use_source_split: bool = False
+    normalization: Literal["mean_std", "unit"] = "mean_std"
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> SplitConfig:
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(
+                f"split.train + split.val + split.test must sum to 1, got "
+                f"{self.train} + {self.val} + {self.test} = {total:.6g}"
+            )
+        return self
+
+
+class AugmentConfig(Strict):
+    balance: Literal["oversample", "none"] = "oversample"
+    target: Literal["majority"] | int = "majority"
+    hflip: bool = True
+    vflip: bool = True
+    rot90: bool = True
+    transpose: bool = True
+    rotate_degrees: float = Field(10.0, ge=0, le=180)
+    brightness: float = Field(0.1, ge=0, le=1)
+    contrast: float = Field(0.1, ge=0, le=1)
+
+
+S = TypeVar("S", bound=BaseModel)
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path} does not exist (run from the repository root)")
+    params = yaml.safe_load(path.read_text()) or {}
+    unknown = sorted(set(params) - set(SECTIONS))
+    if unknown:
+        raise ParamsError(f"{path}: unknown top-level key(s) {unknown}; known: {list(SECTIONS)}")
+    return params
+
+
+def load_section(params: dict, name: str, model: type[S]) -> S:
+    """Validate ``params[name]`` against ``model``; errors name the key path and the bad value."""
+    raw = params.get(name)
+    if raw is None:
+        raw = {}
+    try:
+        return model.model_validate(raw)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{name}.{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (got {e.get('input')!r})"
+            if e["loc"] else f"{name}: {e['msg']}"
+            for e in err.errors()
+        )
+        raise ParamsError(f"params.yaml: {problems}") from None
+
+
+def dataset_name(params: dict) -> str:
+    name = params.get("dataset")
+    if not isinstance(name, str) or not name:
+        raise ParamsError("params.yaml: 'dataset' must name an entry of datasets.yaml")
+    return name
+
+
+def image_size(params: dict, default: int) -> int:
+    """``image_size`` from params.yaml, or the dataset's default when it says ``auto``."""
+    value = params.get("image_size", "auto")
+    if value == "auto":
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not 8 <= value <= 1024:
+        raise ParamsError(f"params.yaml: image_size must be 'auto' or an integer in 8..1024, got {value!r}")
+    return value
+
+
+def global_seed(params: dict) -> int:
+    seed = params.get("seed", 42)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ParamsError(f"params.yaml: seed must be a non-negative integer, got {seed!r}")
+    return seed
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Seed random, numpy and torch; ask torch for deterministic algorithms."""
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
