@@ -45,9 +45,14 @@ def to_rgb_uint8(img: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(img.convert("RGB"), dtype=np.uint8))
 
 
+def channel_max(image: np.ndarray) -> np.ndarray:
+    """Per-pixel maximum over the channels of an (H, W, 3) image (much faster than ``max(axis=2)``)."""
+    return np.maximum(np.maximum(image[..., 0], image[..., 1]), image[..., 2])
+
+
 def decode_mask(data: bytes) -> np.ndarray:
     """Decode a mask file into a boolean (H, W) array: any non-zero pixel is foreground."""
-    return decode_image(data).max(axis=2) > 0
+    return channel_max(decode_image(data)) > 0
 
 
 def pixel_hash(image: np.ndarray) -> str:
@@ -92,7 +97,7 @@ def brain_contour_box(image: np.ndarray, threshold: int = 45) -> tuple[int, int,
 def scan_area_box(image: np.ndarray, threshold: int = 10) -> tuple[int, int, int, int]:
     """(top, bottom, left, right) of the ultrasound scan area: the bounding box of the largest
     region brighter than ``threshold``, which drops black borders around the scan."""
-    grey = image.max(axis=2)
+    grey = channel_max(image)
     binary = (grey > threshold).astype(np.uint8)
     count, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
     height, width = grey.shape

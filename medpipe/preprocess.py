@@ -149,8 +149,12 @@ _zip: zipfile.ZipFile | None = None
 _job: tuple[str, int, bool] | None = None
 
 
-def _init_worker(archive: str, crop: str, size: int, with_masks: bool) -> None:
+def _init_worker(archive: str, crop: str, size: int, with_masks: bool, single_threaded: bool = False) -> None:
     global _zip, _job
+    if single_threaded:  # one OpenCV thread per worker process: the processes share the cores
+        import cv2
+
+        cv2.setNumThreads(1)
     _zip = zipfile.ZipFile(archive)
     _job = (crop, size, with_masks)
 
@@ -176,7 +180,7 @@ def _map_items(items: list[Item], archive: Path, crop: str, size: int, with_mask
         yield from tqdm(map(_process_item, items), total=len(items), desc=desc, unit="img")
         return
     context = multiprocessing.get_context("fork")
-    with context.Pool(workers, initializer=_init_worker, initargs=args) as pool:
+    with context.Pool(workers, initializer=_init_worker, initargs=(*args, True)) as pool:
         chunk = max(1, min(32, len(items) // (workers * 8) or 1))
         yield from tqdm(pool.imap(_process_item, items, chunksize=chunk), total=len(items), desc=desc, unit="img")
 

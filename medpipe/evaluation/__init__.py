@@ -1,0 +1,1 @@
+"""Evaluation and review: test metrics with bootstrap CIs, calibration, TTA, plots, Grad-CAM, champion."""

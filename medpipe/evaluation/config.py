@@ -1,0 +1,32 @@
+"""The ``evaluate`` section of params.yaml."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from medpipe.config import Strict
+
+ValidationMetric = Literal["accuracy", "balanced_accuracy", "f1_macro", "roc_auc"]
+
+
+class TTAConfig(Strict):
+    enabled: bool = True
+    hflip: bool = True            # add a horizontally flipped view
+    vflip: bool = False           # add a vertically flipped view (ultrasound has a fixed top: off by default)
+    noise_copies: int = Field(2, ge=0, le=32)     # views with Gaussian pixel noise
+    noise_std: float = Field(0.02, ge=0, le=0.5)  # on the 0-1 intensity scale
+
+
+class EvaluateConfig(Strict):
+    bootstrap_resamples: int = Field(1000, ge=0, le=100_000)  # 0 = no confidence intervals
+    confidence: float = Field(0.95, gt=0, lt=1)
+    bootstrap_seed: int = Field(0, ge=0)
+    ece_bins: int = Field(15, ge=2, le=100)
+    temperature_scaling: bool = True   # fit T on the validation split, report calibration before/after
+    tta: TTAConfig = TTAConfig()
+    champion_metric: ValidationMetric = "balanced_accuracy"  # validation metric that picks the champion
+    gradcam: bool = True
+    gradcam_per_class: int = Field(3, ge=0, le=20)  # test images per class in the Grad-CAM figure
+    gradcam_method: Literal["gradcam", "gradcam++", "layercam"] = "gradcam"

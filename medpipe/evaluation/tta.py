@@ -1,0 +1,41 @@
+"""Test-time augmentation: average a model's probabilities over label-preserving views of each image.
+
+Views are made on the uint8 images every predictor accepts, so TTA needs nothing from a model but
+``predict_proba``; the noisy views come from a seeded generator (same inputs -> same outputs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from medpipe.evaluation.config import TTAConfig
+
+View = Callable[[np.ndarray], np.ndarray]
+
+
+def tta_views(cfg: TTAConfig, seed: int = 0) -> list[tuple[str, View]]:
+    """The named views ``cfg`` asks for, the unchanged image first."""
+    views: list[tuple[str, View]] = [("identity", lambda x: x)]
+    if cfg.hflip:
+        views.append(("hflip", lambda x: x[:, :, ::-1]))
+    if cfg.vflip:
+        views.append(("vflip", lambda x: x[:, ::-1, :]))
+    for i in range(cfg.noise_copies):
+        def noisy(x: np.ndarray, i: int = i) -> np.ndarray:
+            rng = np.random.default_rng([seed, i])
+            noise = rng.normal(0.0, cfg.noise_std * 255.0, size=x.shape)
+            return np.clip(np.rint(x.astype(np.float64) + noise), 0, 255).astype(np.uint8)
+        views.append((f"noise{i}", noisy))
+    return views
+
+
+def predict_proba_tta(model, images: np.ndarray, cfg: TTAConfig, seed: int = 0) -> np.ndarray:
+    """Mean of ``model.predict_proba`` over the TTA views of ``images`` (uint8, N x H x W x 3)."""
+    total = None
+    views = tta_views(cfg, seed)
+    for _, view in views:
+        proba = np.asarray(model.predict_proba(np.ascontiguousarray(view(images))), dtype=np.float64)
+        total = proba if total is None else total + proba
+    return total / len(views)

@@ -1,0 +1,60 @@
+"""Shared test fixtures: small generated images and archives laid out like the real datasets."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array, mode=mode).save(buffer, format="PNG") if mode else Image.fromarray(array).save(
+        buffer, format="PNG"
+    )
+    return buffer.getvalue()
+
+
+def synthetic_scan(rng: np.random.Generator, label: int, size: int = 48) -> tuple[np.ndarray, np.ndarray]:
+    """A grey 'scan' with a bright blob whose shape depends on the label, and the blob's mask."""
+    image = rng.integers(20, 60, size=(size, size), dtype=np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    cy, cx = rng.integers(size // 3, 2 * size // 3, size=2)
+    radius = size // 8 + 2 * label
+    if label == 1:
+        blob = (np.abs(yy - cy) < radius) & (np.abs(xx - cx) < radius)
+    else:
+        blob = (yy - cy) ** 2 + (xx - cx) ** 2 < radius**2
+    image[blob] = 200
+    return np.stack([image] * 3, axis=2), blob
+
+
+def make_class_zip(path: Path, n_per_class: int = 12, classes=("benign", "malignant", "normal"), seed: int = 0,
+                   with_masks: bool = True, extras: dict[str, bytes] | None = None, size: int = 48) -> Path:
+    """A zip of class folders like BUSI: <root>/<class>/<class> (i).png plus <class> (i)_mask.png."""
+    rng = np.random.default_rng(seed)
+    with zipfile.ZipFile(path, "w") as zf:
+        for label, name in enumerate(classes):
+            for i in range(n_per_class):
+                image, blob = synthetic_scan(rng, label, size)
+                zf.writestr(f"root/{name}/{name} ({i}).png", png_bytes(image))
+                if with_masks:
+                    mask = (blob if name != "normal" else np.zeros_like(blob)).astype(np.uint8) * 255
+                    zf.writestr(f"root/{name}/{name} ({i})_mask.png", png_bytes(mask))
+        for member, data in (extras or {}).items():
+            zf.writestr(member, data)
+    return path
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)

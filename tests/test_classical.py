@@ -1,0 +1,211 @@
+"""Classical models: features, training, saved-model interface, MLflow logging, param errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from medpipe.classical.config import ClassicalConfig
+from medpipe.classical.features import Embedding, make_extractor, make_features
+from medpipe.classical.models import ImageClassifier, train_all
+from medpipe.classical.stage import load_model, train_classical
+from medpipe.config import ParamsError, load_section
+from medpipe.imageset import ImageSet
+
+CLASSES = ("dark", "bright", "striped")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def synthetic(n: int, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Three separable classes: dark blobs, bright blobs, horizontal stripes (all noisy)."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 3
+    images = np.empty((n, size, size, 3), dtype=np.uint8)
+    for i, label in enumerate(labels):
+        base = rng.normal(60 if label == 0 else 170, 20, (size, size))
+        if label == 2:
+            base = 100 + 80 * (np.arange(size)[:, None] % 6 < 3) + rng.normal(0, 20, (size, size))
+        images[i] = np.clip(base, 0, 255).astype(np.uint8)[..., None]
+    return images, labels.astype(np.int64)
+
+
+def imageset(n: int, seed: int) -> ImageSet:
+    images, labels = synthetic(n, seed=seed)
+    empty = np.asarray([""] * n)
+    return ImageSet(images=images, labels=labels, class_names=CLASSES, source_ids=np.asarray([f"{seed}-{i}" for i in range(n)]),
+                    groups=empty, content_hashes=empty, phashes=np.zeros(n, dtype=np.uint64), source_splits=empty)
+
+
+FAST = {"features": ["raw", "hog", "histogram", "lbp", "glcm"], "n_jobs": 1,
+        "random_forest": {"n_estimators": 20}, "svm": {"calibration_folds": 3}}
+
+
+# --- features ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,size,expected", [
+    ("raw", 32, 16 * 16),                                    # raw.size 16, grey
+    ("hog", 32, 3 * 3 * 2 * 2 * 9),                          # hog.size 32 / 8 px cells = 4 cells -> 3x3 blocks
+    ("histogram", 32, 3 * 32 + 5),                           # 32 bins per channel + 5 grey quantiles
+    ("lbp", 32, (8 + 2) + (16 + 2)),                         # uniform LBP at radii 1 and 2
+    ("glcm", 32, 6 * 2),                                     # 6 properties x 2 distances
+    ("hog", 28, 3 * 3 * 2 * 2 * 9),                          # any input size: HOG resizes first
+])
+def test_feature_shapes(name, size, expected):
+    cfg = ClassicalConfig(raw={"size": 16}, hog={"size": 32}, lbp={"radii": [1, 2]}, glcm={"distances": [1, 3]})
+    images, _ = synthetic(4, size=size)
+    x = make_extractor(name, cfg).fit(images).transform(images)
+    assert x.shape == (4, expected) and x.dtype == np.float32 and np.isfinite(x).all()
+
+
+def test_feature_union_concatenates_in_order_and_rejects_bad_input():
+    cfg = ClassicalConfig(features=["histogram", "raw"], raw={"size": 8})
+    images, _ = synthetic(5)
+    union = make_features(cfg).fit(images)
+    x = union.transform(images)
+    assert x.shape == (5, 101 + 64)
+    np.testing.assert_allclose(x[:, 101:], make_extractor("raw", cfg).transform(images))
+    with pytest.raises(ValueError, match="uint8"):
+        union.transform(images.astype(np.float32))
+
+
+def test_embedding_feature_uses_the_shared_backbone():
+    pytest.importorskip("medpipe.models.efficientnet")
+    images, _ = synthetic(3, size=32)
+    emb = Embedding(batch_size=2, pretrained=False).fit(images)
+    x = emb.transform(images)
+    assert x.shape == (3, 1280) and np.isfinite(x).all()
+
+
+def test_embedding_is_not_pickled_and_checks_the_weights_it_is_rebuilt_with():
+    import pickle
+
+    import torch
+
+    pytest.importorskip("medpipe.models.efficientnet")
+    images, _ = synthetic(2, size=32)
+    torch.manual_seed(0)  # untrained weights: the seed makes them reproducible
+    emb = Embedding(pretrained=False).fit(images)
+    blob = pickle.dumps(emb)
+    assert len(blob) < 10_000  # the backbone is rebuilt, not stored
+    torch.manual_seed(0)
+    np.testing.assert_allclose(pickle.loads(blob).transform(images), emb.transform(images), rtol=1e-5)
+    torch.manual_seed(1)  # other weights than the model was fitted with
+    with pytest.raises(RuntimeError, match="weights differ"):
+        pickle.loads(blob).transform(images)
+
+
+# --- config errors ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("section,match", [
+    ({"features": ["hog", "sift"]}, r"classical.features.*unknown feature \['sift'\]"),
+    ({"models": ["knn", "xgboost"]}, r"classical.models.*unknown model \['xgboost'\]"),
+    ({"knn": {"k": 3}}, r"classical.knn.k"),
+    ({"models": ["knn", "voting"]}, r"voting needs at least two"),
+    ({"search": {"svm": {"C": [1, -1]}}}, r"greater than 0"),
+    ({"search": {"svm": {"degree": [2]}}}, r"search.svm: unknown key"),
+    ({"train_on": "both"}, r"classical.train_on"),
+])
+def test_bad_params_name_the_key(section, match):
+    with pytest.raises(ParamsError, match=match):
+        load_section({"classical": section}, "classical", ClassicalConfig)
+
+
+def test_stage_script_reports_unknown_feature_without_traceback(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"seed": 1, "dataset": "toy", "classical": {"features": ["sift"]}}))
+    proc = subprocess.run([sys.executable, str(REPO / "stages/train_classical.py"), "--params", str(params)],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "unknown feature ['sift']" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# --- training -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained():
+    cfg = ClassicalConfig(**FAST)
+    tr, va = imageset(60, seed=1), imageset(30, seed=2)
+    return cfg, va, train_all(cfg, tr.images, tr.labels, va.images, va.labels, CLASSES, seed=3)
+
+
+def test_every_model_learns_the_synthetic_task(trained):
+    _, _, result = trained
+    assert list(result.models) == ["knn", "svm", "random_forest", "voting"]
+    for name, m in result.models.items():
+        assert m.metrics["accuracy"] >= 0.9, (name, m.metrics)
+        assert m.fit_seconds >= 0
+
+
+def test_saved_model_takes_raw_images_and_round_trips(trained, tmp_path):
+    import joblib
+
+    _, va, result = trained
+    for name, m in result.models.items():
+        path = tmp_path / f"{name}.joblib"
+        joblib.dump(m.model, path)
+        loaded = load_model(path)
+        assert isinstance(loaded, ImageClassifier) and loaded.class_names == CLASSES
+        proba = loaded.predict_proba(va.images)
+        assert proba.shape == (len(va), 3)
+        np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-6)
+        np.testing.assert_array_equal(proba, m.model.predict_proba(va.images))
+
+
+def test_training_is_deterministic(trained):
+    cfg, va, first = trained
+    tr = imageset(60, seed=1)
+    second = train_all(cfg, tr.images, tr.labels, va.images, va.labels, CLASSES, seed=3)
+    for name in first.models:
+        np.testing.assert_array_equal(first.models[name].model.predict_proba(va.images),
+                                      second.models[name].model.predict_proba(va.images))
+
+
+def test_search_picks_settings_on_the_validation_split():
+    cfg = ClassicalConfig(**{**FAST, "models": ["knn", "svm"],
+                             "search": {"enabled": True, "knn": {"n_neighbors": [1, 7]}, "svm": {"C": [0.1, 10]}}})
+    tr, va = imageset(45, seed=4), imageset(30, seed=5)
+    result = train_all(cfg, tr.images, tr.labels, va.images, va.labels, CLASSES, seed=0)
+    assert result.models["knn"].best_params["n_neighbors"] in (1, 7)
+    assert result.models["svm"].best_params["C"] in (0.1, 10)
+    assert result.models["svm"].search_score is not None
+
+
+# --- the stage end to end, with MLflow in a temporary store -------------------------------------
+
+def test_stage_writes_models_metrics_and_registers_in_mlflow(tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/m.db")
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    for split, seed in (("train", 1), ("train_augmented", 6), ("val", 2)):
+        imageset(30 if split == "val" else 45, seed).save(tmp_path / f"{split}.npz")
+    params = {"seed": 0, "dataset": "toy",
+              "classical": {**FAST, "models": ["knn", "random_forest", "voting"], "train_on": "plain"}}
+    out, metrics = tmp_path / "models", tmp_path / "metrics.json"
+    (out).mkdir()
+    (out / "svm.joblib").write_text("stale")  # a model no longer in params must disappear
+    train_classical(params, tmp_path / "train.npz", tmp_path / "val.npz", out, metrics,
+                    train_augmented=tmp_path / "train_augmented.npz")
+
+    record = json.loads(metrics.read_text())
+    assert set(record) == {"knn", "random_forest", "voting"}
+    for values in record.values():
+        assert set(values) == {"accuracy", "balanced_accuracy", "f1_macro", "roc_auc", "fit_seconds"}
+    assert sorted(p.name for p in out.glob("*.joblib")) == ["knn.joblib", "random_forest.joblib", "voting.joblib"]
+
+    sidecar = json.loads((out / "voting.mlflow.json").read_text())
+    assert sidecar["registered_model"] == "medpipe-toy-voting" and sidecar["version"] == 1
+    run = mlflow.get_run(sidecar["run_id"])
+    assert run.data.tags["stage"] == "train_classical" and "val_accuracy" in run.data.metrics
+    assert run.data.params["classical.train_on"] == "plain"
+
+    images = ImageSet.load(tmp_path / "val.npz").images[:4]
+    pyfunc = mlflow.pyfunc.load_model(sidecar["model_uri"])
+    assert pyfunc.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["dtype"] == "uint8"
+    np.testing.assert_allclose(pyfunc.predict(images), load_model(out / "voting.joblib").predict_proba(images))

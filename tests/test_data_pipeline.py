@@ -1,0 +1,225 @@
+"""Unit tests of the data stages' logic on small generated archives."""
+
+import zipfile
+
+import numpy as np
+import pytest
+
+from medpipe import config, registry
+from medpipe.augment import augment_and_balance, augment_one, balance_targets, build_transform
+from medpipe.config import AugmentConfig, ParamsError, SplitConfig
+from medpipe.imageset import ImageSet
+from medpipe.preprocess import ArchiveError, class_folder_items, read_dataset
+from medpipe.registry import DatasetSpec, RegistryError
+from medpipe.splitting import group_images, near_duplicate_pairs, normalization_stats, split_dataset
+from tests.conftest import make_class_zip, png_bytes
+
+
+def busi_like_spec(**overrides) -> DatasetSpec:
+    fields = dict(
+        name="tiny", reader="class_folders", classes={"benign": "benign", "malignant": "malignant", "normal": "normal"},
+        files=[{"name": "tiny.zip", "checksum": "sha256:" + "0" * 64}], mask_suffix="_mask", crop="scan_area",
+        image_size=32,
+    )
+    fields.update(overrides)
+    return DatasetSpec(**fields)
+
+
+def make_set(labels, hashes=None, groups=None, phashes=None, size=8, rng=None) -> ImageSet:
+    rng = rng or np.random.default_rng(0)
+    n = len(labels)
+    return ImageSet(
+        images=rng.integers(0, 255, (n, size, size, 3), dtype=np.uint8),
+        labels=np.asarray(labels, dtype=np.int64),
+        class_names=tuple(f"c{i}" for i in range(max(labels) + 1)),
+        source_ids=np.array([f"img{i}" for i in range(n)]),
+        groups=np.array(groups if groups is not None else [""] * n),
+        content_hashes=np.array(hashes if hashes is not None else [f"h{i}" for i in range(n)]),
+        phashes=np.asarray(phashes if phashes is not None else rng.integers(0, 2**63, n, dtype=np.uint64),
+                           dtype=np.uint64),
+        source_splits=np.array([""] * n),
+    )
+
+
+# -- preprocess ------------------------------------------------------------------------------------------
+def test_class_folders_read_with_masks_merged_and_bad_files_skipped(tmp_path):
+    bad = {
+        "root/benign/.DS_Store": b"\x00\x01junk",
+        "root/benign/empty.jpg": b"",
+        "root/benign/not_an_image.jpg": b"hello, I am text",
+        "root/benign/truncated.png": png_bytes(np.full((40, 40, 3), 90, np.uint8))[:60],
+        "root/benign/benign (0)_mask_1.png": png_bytes(np.pad(np.full((4, 4), 255, np.uint8), ((0, 44), (0, 44)))),
+    }
+    archive = make_class_zip(tmp_path / "tiny.zip", n_per_class=4, extras=bad)
+    result = read_dataset(busi_like_spec(), tmp_path, size=32, workers=1)
+    data = result.imageset
+    assert len(data) == 12 and data.images.shape == (12, 32, 32, 3) and data.masks.shape == (12, 32, 32)
+    assert data.class_counts() == {"benign": 4, "malignant": 4, "normal": 4}
+    reasons = {s.member.split(":", 1)[1]: s.reason for s in result.skipped}
+    assert reasons["root/benign/.DS_Store"] == "hidden file"
+    assert "empty" in reasons["root/benign/empty.jpg"]
+    assert "not an image" in reasons["root/benign/not_an_image.jpg"]
+    assert "corrupt or truncated" in reasons["root/benign/truncated.png"]
+    normal = np.array(data.class_names)[data.labels] == "normal"
+    assert data.masks[normal].sum() == 0 and data.masks[~normal].sum() > 0
+    # the second mask of "benign (0)" (top-left square) is OR-ed into its mask
+    first = list(data.source_ids).index(f"{archive.name}:root/benign/benign (0).png")
+    items, _ = class_folder_items(busi_like_spec(), archive)
+    assert len(next(i for i in items if i.member.endswith("benign (0).png")).mask_members) == 2
+    assert data.masks[first].sum() > 0
+
+
+def test_two_workers_give_the_same_arrays_as_one(tmp_path):
+    make_class_zip(tmp_path / "tiny.zip", n_per_class=6)
+    one = read_dataset(busi_like_spec(), tmp_path, size=32, workers=1).imageset
+    two = read_dataset(busi_like_spec(), tmp_path, size=32, workers=2).imageset
+    assert np.array_equal(one.images, two.images) and np.array_equal(one.masks, two.masks)
+    assert list(one.source_ids) == list(two.source_ids)
+
+
+def test_archive_member_escaping_the_folder_is_refused(tmp_path):
+    make_class_zip(tmp_path / "tiny.zip", n_per_class=2, extras={"../evil/benign/x.png": b"x"})
+    with pytest.raises(ArchiveError, match=r"\.\./evil/benign/x.png.* unsafe path"):
+        read_dataset(busi_like_spec(), tmp_path, size=32, workers=1)
+
+
+def test_metadata_groups_are_attached(tmp_path):
+    make_class_zip(tmp_path / "tiny.zip", n_per_class=2, with_masks=False,
+                   extras={"root/meta.csv": b"image_id,lesion_id\nbenign (0),L1\nbenign (1),L1\n"})
+    spec = busi_like_spec(mask_suffix=None, metadata={"path": "root/meta.csv", "id_column": "image_id",
+                                                      "group_column": "lesion_id"})
+    data = read_dataset(spec, tmp_path, size=32, workers=1).imageset
+    groups = dict(zip([s.rsplit("/", 1)[1] for s in data.source_ids], data.groups))
+    assert groups["benign (0).png"] == groups["benign (1).png"] == "L1" and groups["normal (0).png"] == ""
+
+
+def test_imageset_round_trip_is_byte_identical(tmp_path):
+    data = make_set([0, 1, 1, 0])
+    data.save(tmp_path / "a.npz")
+    ImageSet.load(tmp_path / "a.npz").save(tmp_path / "b.npz")
+    assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
+
+
+# -- split ------------------------------------------------------------------------------------------------
+def test_near_duplicate_pairs_by_hamming_distance():
+    hashes = np.array([0b0, 0b111, 0b1, 0b1111 << 60], dtype=np.uint64)
+    pairs = {tuple(p) for p in near_duplicate_pairs(hashes, 1)}
+    assert pairs == {(0, 2)}
+    assert {tuple(p) for p in near_duplicate_pairs(hashes, 3)} == {(0, 1), (0, 2), (1, 2)}
+    assert len(near_duplicate_pairs(hashes, -1)) == 0
+
+
+def test_grouping_merges_exact_near_and_metadata_groups():
+    data = make_set([0, 0, 1, 1, 0], hashes=["a", "a", "b", "c", "d"], groups=["", "", "L", "L", ""],
+                    phashes=[1, 2**40, 2**50, 2**60, 3])
+    grouping = group_images(data, max_distance=1)
+    g = grouping.group_of
+    assert g[0] == g[1] == g[4]  # exact copy (0, 1) and near duplicate (0, 4: hashes 1 and 3 differ by one bit)
+    assert g[2] == g[3] and g[2] != g[0]  # the same lesion id
+    assert grouping.exact_duplicate_copies == 1 and grouping.conflicting_groups == []
+
+
+def test_split_is_stratified_grouped_and_seeded():
+    rng = np.random.default_rng(5)
+    labels = [0] * 200 + [1] * 100
+    hashes = [f"h{i // 2}" for i in range(300)]  # every image has one pixel-identical copy
+    data = make_set(labels, hashes=hashes, rng=rng)
+    result = split_dataset(data, (0.7, 0.15, 0.15), seed=1, max_distance=-1)
+    for group in np.unique(result.grouping.group_of):
+        assert len(set(result.split_of[result.grouping.group_of == group])) == 1
+    for label, total in ((0, 200), (1, 100)):
+        share = np.bincount(result.split_of[data.labels == label], minlength=3) / total
+        assert np.allclose(share, [0.7, 0.15, 0.15], atol=0.03)
+    again = split_dataset(data, (0.7, 0.15, 0.15), seed=1, max_distance=-1)
+    other = split_dataset(data, (0.7, 0.15, 0.15), seed=2, max_distance=-1)
+    assert np.array_equal(result.split_of, again.split_of)
+    assert not np.array_equal(result.split_of, other.split_of)
+
+
+def test_conflicting_label_groups_are_dropped_or_kept():
+    labels = [0, 1] + [0] * 20 + [1] * 20
+    hashes = ["same", "same"] + [f"h{i}" for i in range(40)]
+    data = make_set(labels, hashes=hashes)
+    dropped = split_dataset(data, (0.7, 0.15, 0.15), 0, -1, conflicting_labels="drop")
+    assert dropped.dropped == 2 and (dropped.split_of[:2] == -1).all()
+    assert len(dropped.grouping.conflicting_groups) == 1
+    kept = split_dataset(data, (0.7, 0.15, 0.15), 0, -1, conflicting_labels="keep")
+    assert kept.dropped == 0 and kept.split_of[0] == kept.split_of[1] >= 0
+
+
+def test_source_split_is_honoured_only_when_asked():
+    data = make_set([0, 1] * 30)
+    data = ImageSet(**{**data.__dict__, "source_splits": np.array(["train"] * 40 + ["test"] * 20)})
+    honoured = split_dataset(data, (0.7, 0.15, 0.15), 0, -1, use_source_split=True)
+    assert (honoured.split_of[40:] == 2).all() and set(honoured.split_of[:40]) == {0, 1}
+    ignored = split_dataset(data, (0.7, 0.15, 0.15), 0, -1, use_source_split=False)
+    assert (ignored.split_of[:40] == 2).any()
+
+
+def test_normalization_stats():
+    images = np.zeros((2, 4, 4, 3), np.uint8)
+    images[1] = 255
+    stats = normalization_stats(images, "mean_std")
+    assert stats["mean"] == [0.5, 0.5, 0.5] and stats["std"] == [0.5, 0.5, 0.5]
+    assert normalization_stats(images, "unit")["std"] == [1.0, 1.0, 1.0]
+
+
+# -- augment ---------------------------------------------------------------------------------------------
+def test_balancing_reaches_the_majority_with_copies_of_training_images_only():
+    data = make_set([0] * 10 + [1] * 3 + [2] * 5)
+    out = augment_and_balance(data, AugmentConfig(), seed=0)
+    assert out.class_counts() == {"c0": 10, "c1": 10, "c2": 10}
+    assert np.array_equal(out.images[:18], data.images)  # the originals come first, untouched
+    copies = [s.split("#aug")[0] for s in out.source_ids[18:]]
+    assert set(copies) <= set(data.source_ids[10:])  # copies only of minority-class training images
+    assert np.array_equal(augment_and_balance(data, AugmentConfig(), 0).images, out.images)  # seeded
+    assert len(augment_and_balance(data, AugmentConfig(balance="none"), 0)) == 18
+    assert list(balance_targets(np.array([10, 3, 0]), AugmentConfig(target=6))) == [10, 6, 0]
+
+
+def test_geometric_augmentation_moves_mask_with_image():
+    rng = np.random.default_rng(0)
+    transform = build_transform(AugmentConfig(rotate_degrees=0, brightness=0, contrast=0))
+    for _ in range(20):
+        image = np.zeros((16, 16, 3), np.uint8)
+        y, x = rng.integers(0, 12, 2)
+        image[y:y + 3, x:x + 5] = 255
+        mask = image[..., 0] > 0
+        out_image, out_mask = augment_one(transform, image, mask.astype(np.uint8))
+        assert np.array_equal(out_image[..., 0] > 0, out_mask.astype(bool))
+
+
+# -- params and registry ---------------------------------------------------------------------------------
+def test_split_fractions_must_sum_to_one():
+    with pytest.raises(ParamsError, match="must sum to 1.*0.7 \\+ 0.2 \\+ 0.15"):
+        config.load_section({"split": {"train": 0.7, "val": 0.2, "test": 0.15}}, "split", SplitConfig)
+
+
+def test_typo_in_params_names_the_key():
+    with pytest.raises(ParamsError, match="split.sed"):
+        config.load_section({"split": {"sed": 3}}, "split", SplitConfig)
+
+
+def test_unknown_top_level_params_key(tmp_path):
+    (tmp_path / "params.yaml").write_text("dataset: busi\ntrian: {}\n")
+    with pytest.raises(ParamsError, match="trian"):
+        config.load_params(tmp_path / "params.yaml")
+
+
+def test_unknown_dataset_name_lists_the_registered_ones():
+    with pytest.raises(RegistryError, match="unknown dataset 'bussi'.*'busi'"):
+        registry.get_spec("bussi")
+
+
+def test_every_registered_dataset_is_valid():
+    specs = registry.load_registry()
+    assert {"busi", "brain-mri-yes-no", "brain-tumor-4class", "bloodmnist", "derma", "derma-blood-6"} <= set(specs)
+    assert [f.name for f in registry.source_files(specs["derma-blood-6"])] == [
+        "derma-isic-3class.zip", "bloodmnist-pbc-28.npz"]
+
+
+def test_registry_rejects_bad_checksum_format(tmp_path):
+    path = tmp_path / "datasets.yaml"
+    path.write_text("x:\n  reader: class_folders\n  classes: {a: a, b: b}\n  files: [{name: x.zip, checksum: abc}]\n")
+    with pytest.raises(RegistryError, match="(?s)entry .x.*checksum"):
+        registry.load_registry(path)
