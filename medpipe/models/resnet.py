@@ -113,6 +113,14 @@ def _torchvision_resnet(arch: str, weights: str) -> nn.Module:
     return net
 
 
+def ensure_imagenet_weights(arch: str) -> None:
+    """Make sure torchvision's ImageNet weights for ``arch`` are in the hub cache (download or fail fast)."""
+    if arch in ("resnet18", "resnet34", "resnet50"):
+        from torchvision import models
+
+        _fetch_imagenet(models.get_model_weights(arch).IMAGENET1K_V1)
+
+
 def _fetch_imagenet(enum, timeout_s: float = 20.0):
     """torchvision's weights enum, after making sure its file is in the hub cache (fast failure offline)."""
     cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(enum.url).name

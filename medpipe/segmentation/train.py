@@ -1,0 +1,92 @@
+"""Train the U-Net with the shared loop (:func:`medpipe.training.loop.fit`) and predict with it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medpipe.models.efficientnet import IMAGENET_MEAN, IMAGENET_STD
+from medpipe.segmentation.config import UNetConfig
+from medpipe.segmentation.losses import DiceBCELoss
+from medpipe.segmentation.metrics import dice_score
+from medpipe.segmentation.unet import build_unet
+from medpipe.training.data import ArrayBatches
+from medpipe.training.loop import FitResult, autocast, fit, predict_batches
+
+
+def input_normalization(cfg: UNetConfig, mean: Sequence[float], std: Sequence[float]) -> tuple[list, list]:
+    """A pretrained EfficientNet encoder sees ImageNet-style inputs; a scratch U-Net the data's own statistics."""
+    if cfg.encoder == "efficientnet_lite0" and cfg.pretrained:
+        return list(IMAGENET_MEAN), list(IMAGENET_STD)
+    return list(mean), list(std)
+
+
+def mean_dice(prob: np.ndarray, masks: np.ndarray, threshold: float = 0.5) -> tuple[float, float]:
+    """Mean per-image Dice over all images (an empty prediction on an empty mask scores 1) and over lesion images."""
+    pred = prob >= threshold
+    scores = np.array([dice_score(t, p) for t, p in zip(masks, pred, strict=True)])
+    lesion = masks.reshape(len(masks), -1).any(1)
+    return float(scores.mean()), float(scores[lesion].mean()) if lesion.any() else float("nan")
+
+
+def to_data_size(logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """(N, 1, h, w) logits -> (N, H, W) float32 probabilities at the data's size (bilinear on logits)."""
+    if tuple(logits.shape[-2:]) != tuple(size):
+        logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
+    return torch.sigmoid(logits.float())[:, 0].numpy()
+
+
+def train_unet(
+    train_images: np.ndarray, train_masks: np.ndarray, val_images: np.ndarray, val_masks: np.ndarray,
+    cfg: UNetConfig, mean: Sequence[float], std: Sequence[float], seed: int,
+    checkpoint_path: str | Path | None = None, on_epoch: Callable[[dict], None] | None = None,
+    batch_metrics: Callable | None = None,
+) -> tuple[nn.Module, FitResult]:
+    """Train a U-Net on (N, H, W, 3) uint8 images and (N, H, W) 0/1 masks; the best epoch by validation Dice wins.
+
+    Training batches are augmented online, images and masks with the same geometric transform.
+    """
+    mean, std = input_normalization(cfg, mean, std)
+    train_cfg = cfg.train_config()
+    model = build_unet(cfg.depth, cfg.base_width, cfg.encoder, cfg.pretrained)
+    loss = DiceBCELoss(cfg.dice_weight, cfg.bce_weight)
+    train = ArrayBatches(train_images, train_masks, batch_size=cfg.batch_size, mean=mean, std=std,
+                         size=cfg.input_size, shuffle=True, drop_last=True, augment=cfg.augment,
+                         targets_are_masks=True, seed=seed)
+    val = ArrayBatches(val_images, val_masks, batch_size=64, mean=mean, std=std, size=cfg.input_size,
+                       targets_are_masks=True)
+    size = val_masks.shape[1:]
+
+    def loss_fn(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        return loss(logits, masks)
+
+    def val_fn(net: nn.Module) -> dict[str, float]:
+        logits, masks = predict_batches(net, val, channels_last=cfg.channels_last)
+        prob = to_data_size(logits, size)
+        dice_all, dice_lesion = mean_dice(prob, val_masks)
+        small = masks if tuple(masks.shape[-2:]) == tuple(logits.shape[-2:]) else None
+        val_loss = float(loss(logits, small)) if small is not None else float("nan")
+        return {"dice": dice_all, "dice_lesion": dice_lesion, "loss": val_loss}
+
+    extra = {"unet": cfg.model_dump(), "mean": mean, "std": std, "data_size": list(size)}
+    result = fit(model, train, loss_fn, val_fn, train_cfg, on_epoch=on_epoch, batch_metrics=batch_metrics,
+                 checkpoint_path=checkpoint_path, checkpoint_extra=extra)
+    return model, result
+
+
+def predict_unet(model: nn.Module, images: np.ndarray, cfg: UNetConfig, mean: Sequence[float],
+                 std: Sequence[float], batch_size: int = 64) -> np.ndarray:
+    """(N, H, W) lesion probabilities for (N, H, W, 3) uint8 images, at the images' own size."""
+    mean, std = input_normalization(cfg, mean, std)
+    batches = ArrayBatches(images, np.zeros(len(images), dtype=np.int64), batch_size=batch_size, mean=mean,
+                           std=std, size=cfg.input_size)
+    device = next(model.parameters()).device
+    model.eval()
+    with torch.inference_mode(), autocast(device, cfg.precision):
+        logits, _ = predict_batches(model, batches, channels_last=cfg.channels_last)
+    return to_data_size(logits, images.shape[1:3])

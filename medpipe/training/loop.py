@@ -1,0 +1,333 @@
+"""One training loop for every torch model: classifiers, U-Nets, anything with a loss.
+
+The loop knows nothing about labels: the model, the loss and the validation metrics are arguments.
+It handles the optimiser (Adam/AdamW/SGD), learning-rate schedules (cosine annealing,
+ReduceLROnPlateau), early stopping on a named validation metric, the best-by-validation checkpoint
+(self-describing: model, optimiser, scheduler, epoch, config and whatever ``checkpoint_extra`` adds),
+``channels_last`` and bf16 autocast on CPU, CUDA where a GPU exists, and a per-epoch history.
+
+Usage (a segmenter; a classifier only swaps the loss and the metrics)::
+
+    from medpipe.training.config import TrainConfig
+    from medpipe.training.data import ArrayBatches
+    from medpipe.training.loop import fit, predict_batches
+
+    cfg = TrainConfig(lr=1e-3, epochs=30, monitor="dice", monitor_mode="max")
+    train = ArrayBatches(images, masks, batch_size=16, mean=mean, std=std, shuffle=True,
+                         drop_last=True, augment=cfg.augment, targets_are_masks=True, seed=42)
+    val = ArrayBatches(val_images, val_masks, batch_size=64, mean=mean, std=std)
+
+    def loss_fn(logits, masks):                   # outputs and targets of one batch
+        return dice_bce(logits, masks)
+
+    def val_fn(model):                            # called in eval mode under inference_mode + autocast
+        logits, masks = predict_batches(model, val)
+        return {"dice": dice(logits, masks), "loss": float(loss_fn(logits, masks))}
+
+    result = fit(model, train, loss_fn, val_fn, cfg, checkpoint_path="models/segment/unet.pt")
+    result.best_metrics, result.best_epoch, result.history   # model now holds the best weights
+
+``train_batches`` is any re-iterable of ``(inputs, targets)`` (a ``DataLoader`` works too);
+``targets`` may be a tensor or a tuple of tensors and is passed to ``loss_fn`` unchanged (after moving
+to the device). ``param_groups`` lets a caller give parts of the model their own learning rate (the
+``lr`` of each group is a factor of ``cfg.lr``); ``before_epoch(epoch, model)`` runs after
+``model.train()`` each epoch (progressive unfreezing uses it to freeze blocks and keep their
+BatchNorm in eval mode); ``on_epoch(record)`` sees each epoch's record (MLflow, DVCLive, logging).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from medpipe.training.checkpoint import save_checkpoint
+from medpipe.training.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[Any, Any], torch.Tensor]
+ValFn = Callable[[nn.Module], Mapping[str, float]]
+BatchMetricFn = Callable[[Any, Any], Mapping[str, float]]
+
+
+class MonitorError(KeyError):
+    """The validation metrics lack the key named by ``train.monitor``."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; show it plainly
+        return str(self.args[0])
+
+
+@dataclass
+class FitResult:
+    best_epoch: int                      # 1-based epoch of the best validation score
+    best_metrics: dict[str, float]       # validation metrics at that epoch
+    history: list[dict[str, float]]      # one record per epoch: epoch, lr, train_*, val_*, seconds
+    train_seconds: float
+    images_per_second: float             # training samples per second over all epochs
+    stopped_early: bool
+    checkpoint_path: Path | None = None
+    best_state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+
+class EarlyStopping:
+    """Tracks the best value of a metric; ``step`` returns True when the run should stop."""
+
+    def __init__(self, mode: str = "max", patience: int = 10, min_delta: float = 0.0) -> None:
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+        self.mode, self.patience, self.min_delta = mode, patience, min_delta
+        self.best: float | None = None
+        self.best_epoch = 0
+        self.bad_epochs = 0
+
+    def is_improvement(self, value: float) -> bool:
+        if value is None or math.isnan(value):
+            return False
+        if self.best is None:
+            return True
+        if self.mode == "max":
+            return value > self.best + self.min_delta
+        return value < self.best - self.min_delta
+
+    def step(self, value: float, epoch: int) -> bool:
+        if self.is_improvement(value):
+            self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
+        else:
+            self.bad_epochs += 1
+        return self.bad_epochs >= self.patience
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CPU or CUDA when ``precision == 'bf16'``, otherwise nothing."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def to_device(value: Any, device: torch.device, channels_last: bool = False) -> Any:
+    """Move a tensor (or a tuple/list/dict of them) to ``device``; 4-D float tensors optionally NHWC in memory."""
+    if isinstance(value, torch.Tensor):
+        value = value.to(device, non_blocking=True)
+        if channels_last and value.ndim == 4 and value.is_floating_point():
+            value = value.contiguous(memory_format=torch.channels_last)
+        return value
+    if isinstance(value, (tuple, list)):
+        return type(value)(to_device(v, device, channels_last) for v in value)
+    if isinstance(value, dict):
+        return {k: to_device(v, device, channels_last) for k, v in value.items()}
+    return value
+
+
+def build_optimizer(params: Iterable, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Optimizer over ``params`` (tensors or param groups whose ``lr`` is a factor of ``cfg.lr``)."""
+    params = list(params)
+    if params and isinstance(params[0], dict):
+        params = [{**g, "lr": cfg.lr * g.get("lr", 1.0)} for g in params]
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
+    if cfg.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs, eta_min=cfg.min_lr)
+    if cfg.scheduler == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode=cfg.monitor_mode, factor=cfg.plateau_factor, patience=cfg.plateau_patience,
+            min_lr=cfg.min_lr,
+        )
+    return None
+
+
+def _batch_size(targets: Any, inputs: Any) -> int:
+    for value in (inputs, targets):
+        if isinstance(value, torch.Tensor):
+            return int(value.shape[0])
+        if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+            return int(value[0].shape[0])
+    return 1
+
+
+def train_one_epoch(
+    model: nn.Module,
+    batches: Iterable,
+    loss_fn: LossFn,
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    device: torch.device,
+    batch_metrics: BatchMetricFn | None = None,
+) -> tuple[dict[str, float], int]:
+    """One pass over ``batches``; returns the sample-weighted mean loss (and batch metrics) and the sample count."""
+    totals: dict[str, float] = {}
+    seen = 0
+    for inputs, targets in batches:
+        inputs = to_device(inputs, device, cfg.channels_last)
+        targets = to_device(targets, device)
+        with autocast(device, cfg.precision):
+            outputs = model(inputs)
+            loss = loss_fn(outputs, targets)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss.item()}; lower train.lr (now {cfg.lr:g})")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        n = _batch_size(targets, inputs)
+        seen += n
+        totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) * n
+        if batch_metrics is not None:
+            with torch.no_grad():
+                for key, value in batch_metrics(outputs.detach(), targets).items():
+                    totals[key] = totals.get(key, 0.0) + float(value) * n
+    if seen == 0:
+        raise ValueError("the training batches are empty (fewer images than one batch with drop_last?)")
+    return {k: v / seen for k, v in totals.items()}, seen
+
+
+def evaluate(model: nn.Module, val_fn: ValFn, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
+    """Run ``val_fn(model)`` in eval mode under ``inference_mode`` and the training precision."""
+    model.eval()
+    with torch.inference_mode(), autocast(device, cfg.precision):
+        metrics = dict(val_fn(model))
+    return {k: (float(v) if v is not None else float("nan")) for k, v in metrics.items()}
+
+
+def fit(
+    model: nn.Module,
+    train_batches: Iterable,
+    loss_fn: LossFn,
+    val_fn: ValFn,
+    cfg: TrainConfig,
+    *,
+    param_groups: Sequence[dict] | None = None,
+    before_epoch: Callable[[int, nn.Module], None] | None = None,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+    batch_metrics: BatchMetricFn | None = None,
+    checkpoint_path: str | Path | None = None,
+    checkpoint_extra: Mapping[str, Any] | None = None,
+    restore_best: bool = True,
+) -> FitResult:
+    """Train ``model`` for up to ``cfg.epochs`` epochs, keeping the best epoch by ``cfg.monitor``.
+
+    Epochs in records are 1-based. ``before_epoch`` receives the 0-based epoch index.
+    """
+    device = resolve_device(cfg.device)
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(param_groups if param_groups is not None else model.parameters(), cfg)
+    scheduler = build_scheduler(optimizer, cfg)
+    stopper = EarlyStopping(cfg.monitor_mode, cfg.patience, cfg.min_delta)
+    checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
+    history: list[dict[str, float]] = []
+    best_state: dict[str, torch.Tensor] = {}
+    best_metrics: dict[str, float] = {}
+    train_time = 0.0
+    samples = 0
+    stopped_early = False
+
+    for epoch in range(cfg.epochs):
+        model.train()
+        if before_epoch is not None:
+            before_epoch(epoch, model)
+        lr = optimizer.param_groups[0]["lr"]
+        start = time.perf_counter()
+        train_stats, seen = train_one_epoch(model, train_batches, loss_fn, optimizer, cfg, device, batch_metrics)
+        seconds = time.perf_counter() - start
+        train_time += seconds
+        samples += seen
+        val = evaluate(model, val_fn, cfg, device)
+        if cfg.monitor not in val:
+            raise MonitorError(
+                f"train.monitor is {cfg.monitor!r} but the validation metrics are {sorted(val)}; "
+                "set train.monitor to one of them"
+            )
+        score = val[cfg.monitor]
+        improved = stopper.is_improvement(score)
+        stop = stopper.step(score, epoch + 1)
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step(score)
+        elif scheduler is not None:
+            scheduler.step()
+        record = {
+            "epoch": epoch + 1,
+            "lr": lr,
+            **{f"train_{k}": v for k, v in train_stats.items()},
+            **{f"val_{k}": v for k, v in val.items()},
+            "seconds": seconds,
+            "images_per_second": seen / seconds if seconds > 0 else float("nan"),
+        }
+        history.append(record)
+        log.info(
+            "epoch %d/%d lr %.2e train loss %.4f val %s %.4f%s (%.1f s)", epoch + 1, cfg.epochs, lr,
+            train_stats["loss"], cfg.monitor, score, " *" if improved else "", seconds,
+        )
+        if improved:
+            best_metrics = dict(val)
+            best_state = copy.deepcopy(model.state_dict())
+            if checkpoint_path is not None:
+                save_checkpoint(
+                    checkpoint_path, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch + 1,
+                    config=cfg.model_dump(), metrics=best_metrics, extra=checkpoint_extra,
+                )
+        if on_epoch is not None:
+            on_epoch(record)
+        if stop:
+            stopped_early = epoch + 1 < cfg.epochs
+            log.info("early stopping after epoch %d: no %s improvement in %d epochs",
+                     epoch + 1, cfg.monitor, cfg.patience)
+            break
+
+    if not best_state:  # the monitored metric was NaN in every epoch: keep the last weights
+        best_state = copy.deepcopy(model.state_dict())
+        best_metrics = {k[4:]: v for k, v in history[-1].items() if k.startswith("val_")}
+        stopper.best_epoch = len(history)
+    if restore_best:
+        model.load_state_dict(best_state)
+    model.eval()
+    return FitResult(
+        best_epoch=stopper.best_epoch,
+        best_metrics=best_metrics,
+        history=history,
+        train_seconds=train_time,
+        images_per_second=samples / train_time if train_time > 0 else float("nan"),
+        stopped_early=stopped_early,
+        checkpoint_path=checkpoint_path,
+        best_state=best_state,
+    )
+
+
+@torch.inference_mode()
+def predict_batches(model: nn.Module, batches: Iterable, device: torch.device | None = None,
+                    channels_last: bool = True) -> tuple[torch.Tensor, Any]:
+    """Concatenate ``model`` outputs (as float32 on CPU) and the targets over ``batches``."""
+    device = device or next(model.parameters()).device
+    outputs, targets = [], []
+    for inputs, target in batches:
+        outputs.append(model(to_device(inputs, device, channels_last)).float().cpu())
+        targets.append(target)
+    out = torch.cat(outputs)
+    if targets and isinstance(targets[0], torch.Tensor):
+        return out, torch.cat(targets)
+    return out, targets

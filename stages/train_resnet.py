@@ -1,0 +1,18 @@
+"""Stage `train_resnet`: transfer learning with ResNets and EfficientNet-Lite0 (section `resnet` of params.yaml)."""
+
+from medpipe import cli, config
+from medpipe.models.efficientnet import WeightsError
+from medpipe.training.classify import parse_stage_args, run_stage
+from medpipe.training.loop import MonitorError
+
+STAGE = "train_resnet"
+
+
+def main() -> None:
+    args, paths = parse_stage_args(STAGE, __doc__)
+    run_stage(config.load_params(args.params), STAGE, paths, log_mlflow=not args.no_mlflow)
+
+
+if __name__ == "__main__":
+    cli.register_user_error(WeightsError, MonitorError)
+    cli.run(main)
