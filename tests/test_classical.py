@@ -82,6 +82,15 @@ def test_embedding_feature_uses_the_shared_backbone():
     assert x.shape == (3, 1280) and np.isfinite(x).all()
 
 
+def test_embedding_upsamples_small_images_to_min_size_only():
+    cfg = ClassicalConfig()
+    emb = make_extractor("embedding", cfg)
+    assert cfg.embedding.min_size == 64
+    assert emb.input_size(28) == 64 and emb.input_size(128) == 128   # 28 px blood cells up, busi untouched
+    assert Embedding(min_size=None).input_size(28) == 28
+    assert Embedding(size=96, min_size=64).input_size(28) == 96        # an explicit size wins
+
+
 def test_embedding_is_not_pickled_and_checks_the_weights_it_is_rebuilt_with():
     import pickle
 
@@ -174,6 +183,34 @@ def test_search_picks_settings_on_the_validation_split():
     assert result.models["knn"].best_params["n_neighbors"] in (1, 7)
     assert result.models["svm"].best_params["C"] in (0.1, 10)
     assert result.models["svm"].search_score is not None
+
+
+def test_svm_subset_is_stratified_seeded_and_capped():
+    from medpipe.classical.models import fit_subset
+
+    labels = np.repeat([0, 1, 2], [700, 250, 50])
+    subset = fit_subset(labels, 100, seed=0)
+    assert len(subset) == 100 and len(np.unique(subset)) == 100
+    assert np.bincount(labels[subset]).tolist() == [70, 25, 5]              # class proportions kept
+    np.testing.assert_array_equal(subset, fit_subset(labels, 100, seed=0))  # same seed, same subset
+    assert not np.array_equal(subset, fit_subset(labels, 100, seed=1))
+    assert fit_subset(labels, 1000, seed=0) is None and fit_subset(labels, None, seed=0) is None
+    rare = np.array([0] * 98 + [1, 2])
+    kept = rare[fit_subset(rare, 10, seed=0)]
+    assert len(kept) == 10 and set(kept) == {0, 1, 2}                       # a rare class is never dropped
+
+
+def test_max_train_images_caps_only_the_svm():
+    cfg = ClassicalConfig(**{**FAST, "svm": {**FAST["svm"], "max_train_images": 30}})
+    tr, va = imageset(60, seed=1), imageset(30, seed=2)
+    result = train_all(cfg, tr.images, tr.labels, va.images, va.labels, CLASSES, seed=3)
+    assert result.models["svm"].n_fit == 30
+    assert result.models["knn"].n_fit == result.models["random_forest"].n_fit == 60
+    assert result.models["svm"].metrics["accuracy"] >= 0.9
+    with pytest.raises(ParamsError, match=r"classical.svm.max_train_images"):
+        load_section({"classical": {"svm": {"max_train_images": 0}}}, "classical", ClassicalConfig)
+    with pytest.raises(ParamsError, match=r"search.svm: unknown key"):
+        load_section({"classical": {"search": {"svm": {"max_train_images": [100]}}}}, "classical", ClassicalConfig)
 
 
 # --- the stage end to end, with MLflow in a temporary store -------------------------------------

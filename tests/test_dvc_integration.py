@@ -39,6 +39,23 @@ def copy_repository(dest: Path) -> None:
             shutil.copy2(source, dest / name)
 
 
+def shrink_for_test(params: dict) -> None:
+    """Every model, one epoch or a few trees: the test checks the wiring, not the accuracy."""
+    params["train"].update(epochs=1, batch_size=16, patience=1)
+    params["cnn"]["train"] = ["cnn_two_conv"]
+    params["resnet"]["train"] = ["efficientnet_lite0"]
+    params["resnet"]["models"]["efficientnet_lite0"]["epochs"] = 2
+    params["resnet"]["unfreeze"]["head_epochs"] = 1
+    classical = params["classical"]
+    classical.update(features=["hog", "histogram"], models=["knn", "random_forest", "voting"])
+    classical["random_forest"]["n_estimators"] = 10
+    segment = params["segment"]
+    segment.update(bootstrap_samples=100, grid_images=2)
+    segment["unet"].update(epochs=1, depth=2, base_width=8, input_size=32, batch_size=8)
+    segment["pixel_classifier"].update(n_estimators=5, pixels_per_image=40)
+    params["evaluate"].update(bootstrap_resamples=50, gradcam_per_class=1)
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """A copy of the repository whose default dataset is a small generated BUSI-like zip."""
@@ -61,6 +78,7 @@ def project(tmp_path_factory):
     (repo / "datasets.yaml").write_text(yaml.safe_dump(registry, sort_keys=False))
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["dataset"] = "tiny"
+    shrink_for_test(params)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "MEDPIPE_DATA_MIRROR": str(mirror), "MLFLOW_TRACKING_URI": f"sqlite:///{base}/mlflow.db"}
     env.pop("DVC_ROOT", None)
@@ -78,7 +96,7 @@ def test_data_stages_run_and_never_leak_duplicates_across_splits(project):
     assert sum(s["total"] for s in data["splits"].values()) + data["duplicates"]["dropped_images"] == 72
     reasons = data["skipped"]["by_reason"]
     assert data["skipped"]["total"] == 2 and reasons["hidden file"] == 1
-    assert any(reason.startswith("corrupt or truncated") for reason in reasons)
+    assert any(reason.startswith(("corrupt or truncated", "not an image")) for reason in reasons)
     hashes = {name: set(ImageSet.load(repo / f"data/processed/{name}.npz").content_hashes) for name in
               ("train", "val", "test")}
     assert not (hashes["train"] & hashes["val"] or hashes["train"] & hashes["test"] or hashes["val"] & hashes["test"])
@@ -112,3 +130,35 @@ def test_checksum_mismatch_fails_the_stage_without_leaving_output(project, tmp_p
     assert "Traceback" not in result.stderr
     assert not (repo / "data/raw").exists()
     assert not any(p.name.endswith(".tmp") for p in (repo / "data").iterdir())
+
+
+def test_full_pipeline_then_an_lr_experiment_reruns_only_what_depends_on_it(project):
+    repo, env, _ = project
+    run(["dvc", "repro"], repo, env)
+    for name in ("train_cnn", "train_resnet", "train_classical", "segment", "evaluate"):
+        assert (repo / f"metrics/{name}.json").is_file(), name
+    evaluated = json.loads((repo / "metrics/evaluate.json").read_text())
+    assert {"cnn_two_conv", "efficientnet_lite0", "knn", "random_forest", "voting"} <= set(evaluated)
+    assert "dice_mean" in json.dumps(json.loads((repo / "metrics/segment.json").read_text()))
+    assert "Data and pipelines are up to date" in run(["dvc", "status"], repo, env).stdout
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline"], repo, env)
+
+    out = run(["dvc", "exp", "run", "-n", "lower-lr", "-S", "train.lr=1e-4"], repo, env).stdout
+    for stage in ("train_cnn", "train_resnet", "evaluate"):
+        assert f"Running stage '{stage}'" in out, stage
+    for stage in ("download", "preprocess", "split", "augment", "train_classical", "segment"):
+        assert f"Running stage '{stage}'" not in out, stage
+    diff = json.loads(run(["dvc", "metrics", "diff", "--json"], repo, env).stdout)
+    assert any(key.endswith("evaluate.json") for key in diff)
+    assert "lower-lr" in run(["dvc", "exp", "show", "--csv"], repo, env).stdout
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("medpipe").experiment_id], max_results=200)
+    assert {"workspace", "lower-lr"} <= {r.data.tags.get("dvc_experiment") for r in runs}
+    champion = json.loads((repo / "models/evaluate/champion.json").read_text())
+    assert champion["alias_set"] is True
+    version = client.get_model_version_by_alias(champion["registered_model"], "champion")
+    assert str(version.version) == str(champion["version"])

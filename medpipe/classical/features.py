@@ -157,8 +157,10 @@ class Embedding(ImageFeatures):
     when fitting, guards against a different weights file silently changing the features.
     """
 
-    def __init__(self, size: int | None = None, batch_size: int = 64, pretrained: bool = True):
+    def __init__(self, size: int | None = None, batch_size: int = 64, pretrained: bool = True,
+                 min_size: int | None = None):
         self.size = size
+        self.min_size = min_size
         self.batch_size = batch_size
         self.pretrained = pretrained
 
@@ -187,6 +189,12 @@ class Embedding(ImageFeatures):
             self._backbone = backbone
         return backbone
 
+    def input_size(self, height: int) -> int:
+        """Side length the backbone sees: ``size``, else the image's, raised to ``min_size``."""
+        if self.size is not None:
+            return self.size
+        return max(height, self.min_size) if self.min_size is not None else height
+
     def fit(self, images: np.ndarray, y: np.ndarray | None = None) -> Embedding:
         check_images(images)
         self._model()
@@ -200,10 +208,11 @@ class Embedding(ImageFeatures):
         model = self._model()
         out = []
         with torch.inference_mode():
+            side = self.input_size(images.shape[1])
             for start in range(0, len(images), self.batch_size):
                 batch = images[start:start + self.batch_size]
-                if self.size is not None:
-                    batch = np.stack([resize(image, self.size) for image in batch])
+                if side != images.shape[1] or side != images.shape[2]:
+                    batch = np.stack([resize(image, side) for image in batch])
                 x = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div_(255.0)
                 x = ((x - 0.5) / 0.5).contiguous(memory_format=torch.channels_last)
                 out.append(model(x).float().numpy())
@@ -231,7 +240,8 @@ def make_extractor(name: str, cfg: ClassicalConfig) -> ImageFeatures:
     if name == "glcm":
         return Glcm(distances=tuple(cfg.glcm.distances), levels=cfg.glcm.levels)
     if name == "embedding":
-        return Embedding(size=cfg.embedding.size, batch_size=cfg.embedding.batch_size)
+        return Embedding(size=cfg.embedding.size, batch_size=cfg.embedding.batch_size,
+                         min_size=cfg.embedding.min_size)
     raise UnknownFeatureError(f"unknown feature {name!r}; choose from {list(FEATURES)}")
 
 

@@ -102,12 +102,41 @@ def search(name: str, pipe: Pipeline, cfg: ClassicalConfig, x_train, y_train, x_
     return best, float(gs.best_score_)
 
 
+def fit_subset(labels: np.ndarray, max_images: int | None, seed: int) -> np.ndarray | None:
+    """Indices of a stratified, seeded subset of at most ``max_images`` images (sorted), or None for all.
+
+    Class proportions are kept (every class present keeps at least one image), and the same labels,
+    cap and seed always give the same subset.
+    """
+    labels = np.asarray(labels)
+    if max_images is None or len(labels) <= max_images:
+        return None
+    classes, counts = np.unique(labels, return_counts=True)
+    if max_images < len(classes):
+        raise ValueError(f"max_train_images {max_images} is below the number of classes {len(classes)}")
+    # in proportion to the class sizes (largest remainders), but at least one image per class
+    share = max_images * counts / counts.sum()
+    take = np.maximum(np.floor(share), 1).astype(int)
+    for i in np.argsort(-(share - np.floor(share)), kind="stable")[: max(max_images - take.sum(), 0)]:
+        take[i] += 1
+    while take.sum() > max_images:  # the minimum of one pushed the total over: trim the largest class
+        take[np.argmax(take)] -= 1
+    rng = np.random.default_rng(seed)
+    picked = [rng.choice(np.flatnonzero(labels == c), size=k, replace=False) for c, k in zip(classes, take)]
+    return np.sort(np.concatenate(picked))
+
+
+def _max_train_images(name: str, cfg: ClassicalConfig) -> int | None:
+    return cfg.svm.max_train_images if name == "svm" else None
+
+
 @dataclass
 class TrainedModel:
     name: str
     model: ImageClassifier
     metrics: dict[str, float | None]
     fit_seconds: float
+    n_fit: int = 0  # training images the model was fitted on (the SVM may use a subset)
     best_params: dict = field(default_factory=dict)
     search_score: float | None = None
 
@@ -139,16 +168,23 @@ def train_all(cfg: ClassicalConfig, train_images: np.ndarray, train_labels: np.n
     for name in cfg.voting_members:
         pipe = head(name, cfg, seed)
         best, score = {}, None
+        x_fit, y_fit = x_train, train_labels
+        subset = fit_subset(train_labels, _max_train_images(name, cfg), seed)
+        if subset is not None:
+            x_fit, y_fit = x_train[subset], train_labels[subset]
+            log.info("%s: fitting on a stratified subset of %d of %d training images (max_train_images)", name,
+                     len(subset), len(train_labels))
         t0 = time.perf_counter()
         if cfg.search.enabled and getattr(cfg.search, name):
-            best, score = search(name, pipe, cfg, x_train, train_labels, x_val, val_labels)
+            best, score = search(name, pipe, cfg, x_fit, y_fit, x_val, val_labels)
             pipe.set_params(**{_GRID_PARAMS[name][k]: v for k, v in best.items()})
             log.info("%s: best %s (validation %s %.3f)", name, best, cfg.search.scoring, score)
-        pipe.fit(x_train, train_labels)
+        pipe.fit(x_fit, y_fit)
         seconds = time.perf_counter() - t0
         heads[name] = pipe
         if name in cfg.models:
-            trained[name] = _finish(name, features, pipe, x_val, val_labels, class_names, seconds, best, score)
+            trained[name] = _finish(name, features, pipe, x_val, val_labels, class_names, seconds, best, score,
+                                    len(y_fit))
 
     if "voting" in cfg.models:
         members = cfg.voting_members
@@ -158,17 +194,18 @@ def train_all(cfg: ClassicalConfig, train_images: np.ndarray, train_labels: np.n
         voting.fit(x_train, train_labels)  # members are frozen: fitting only records the classes
         # fitting the ensemble costs what fitting its members cost (plus their searches)
         seconds = time.perf_counter() - t0 + sum(trained[m].fit_seconds for m in members if m in trained)
-        trained["voting"] = _finish("voting", features, voting, x_val, val_labels, class_names, seconds, {}, None)
+        trained["voting"] = _finish("voting", features, voting, x_val, val_labels, class_names, seconds, {}, None,
+                                    len(x_train))
     return TrainResult({m: trained[m] for m in cfg.models}, feature_seconds, blocks, len(x_train), len(x_val))
 
 
-def _finish(name, features, fitted, x_val, y_val, class_names, seconds, best, score) -> TrainedModel:
+def _finish(name, features, fitted, x_val, y_val, class_names, seconds, best, score, n_fit) -> TrainedModel:
     proba = fitted.predict_proba(x_val)
     metrics = classification_metrics(y_val, _full_proba(proba, fitted.classes_, len(class_names)))
     log.info("%s: validation %s, fit %.1f s", name, {k: round(v, 3) for k, v in metrics.items() if v is not None},
              seconds)
     model = ImageClassifier([("features", features), ("model", fitted)], class_names=tuple(class_names))
-    return TrainedModel(name, model, metrics, seconds, best, score)
+    return TrainedModel(name, model, metrics, seconds, n_fit, best, score)
 
 
 def _full_proba(proba: np.ndarray, classes: np.ndarray, n_classes: int) -> np.ndarray:

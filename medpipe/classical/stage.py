@@ -143,7 +143,7 @@ def train_classical(params: dict, train: Path, val: Path, out_dir: Path, metrics
                 mlflow.log_metrics({f"val_{k}": v for k, v in trained.metrics.items() if v is not None})
                 mlflow.log_metrics({"fit_seconds": trained.fit_seconds,
                                     "feature_seconds": result.feature_seconds,
-                                    "n_train": result.n_train, "n_val": result.n_val,
+                                    "n_train": result.n_train, "n_fit": trained.n_fit, "n_val": result.n_val,
                                     "n_features": sum(result.feature_blocks.values())})
                 if trained.best_params:
                     mlflow.log_params({f"best.{k}": v for k, v in trained.best_params.items()})
