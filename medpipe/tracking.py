@@ -67,3 +67,28 @@ def start_run(stage: str, dataset: str, model: str, params: Mapping[str, Any] | 
             flat = {k: str(v)[:6000] for k, v in flatten(params).items()}
             mlflow.log_params(flat)
         yield run
+
+
+def pinned_requirements(*packages: str) -> list[str]:
+    """``name==installed version`` for each package a logged model imports (faster and surer than
+    MLflow's own inference, which loads the model in a subprocess); unknown packages stay unpinned."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    pinned = []
+    for name in packages:
+        try:
+            pinned.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            pinned.append(name)
+    return pinned
+
+
+def registration_record(info: Any, registered_name: str) -> dict[str, Any]:
+    """The sidecar written beside a model file: which MLflow run and registered version hold it."""
+    version = info.registered_model_version
+    return {
+        "run_id": info.run_id,
+        "registered_model": registered_name,
+        "version": int(version) if version is not None else None,
+        "model_uri": f"models:/{registered_name}/{version}",
+    }

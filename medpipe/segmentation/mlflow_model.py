@@ -17,6 +17,7 @@ import numpy as np
 
 import medpipe
 from medpipe.io import write_json
+from medpipe.tracking import pinned_requirements, registration_record
 
 
 class SegmenterPyfunc(mlflow.pyfunc.PythonModel):
@@ -32,8 +33,6 @@ class SegmenterPyfunc(mlflow.pyfunc.PythonModel):
 def log_segmenter(model_file: Path, segmenter: Any, example: np.ndarray, registered_name: str,
                   sidecar: Path) -> dict[str, Any]:
     """Log a saved segmenter to the active run, register it, and write the sidecar the evaluate stage reads."""
-    from importlib.metadata import version
-
     from mlflow.models import infer_signature
 
     example = np.ascontiguousarray(example.astype(np.uint8))
@@ -46,14 +45,8 @@ def log_segmenter(model_file: Path, segmenter: Any, example: np.ndarray, registe
         input_example=example,
         registered_model_name=registered_name,
         code_paths=[str(Path(medpipe.__file__).parent)],  # the medpipe package travels with the model
-        pip_requirements=[f"{p}=={version(p)}" for p in ("torch", "timm", "scikit-learn", "scikit-image",
-                                                          "numpy", "mlflow")],
+        pip_requirements=pinned_requirements("torch", "timm", "scikit-learn", "scikit-image", "numpy", "mlflow"),
     )
-    record = {
-        "run_id": info.run_id,
-        "registered_model": registered_name,
-        "version": int(info.registered_model_version),
-        "model_uri": f"models:/{registered_name}/{info.registered_model_version}",
-    }
+    record = registration_record(info, registered_name)
     write_json(sidecar, record)
     return record

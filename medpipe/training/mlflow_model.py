@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from medpipe.io import write_json
+from medpipe.tracking import pinned_requirements, registration_record
 from medpipe.training.predictor import TorchClassifier
 
 
@@ -48,19 +49,8 @@ def log_classifier(checkpoint: Path, classifier: TorchClassifier, example: np.nd
             signature=signature,
             input_example=example,
             registered_model_name=registered_name,
-            pip_requirements=_requirements(),
+            pip_requirements=pinned_requirements("torch", "torchvision", "timm", "numpy", "mlflow"),
         )
-    record = {
-        "run_id": info.run_id,
-        "registered_model": registered_name,
-        "version": int(info.registered_model_version),
-        "model_uri": f"models:/{registered_name}/{info.registered_model_version}",
-    }
+    record = registration_record(info, registered_name)
     write_json(sidecar, record)
     return record
-
-
-def _requirements() -> list[str]:
-    from importlib.metadata import version
-
-    return [f"{pkg}=={version(pkg)}" for pkg in ("torch", "torchvision", "timm", "numpy", "mlflow")]
