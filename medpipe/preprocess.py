@@ -179,7 +179,9 @@ def _map_items(items: list[Item], archive: Path, crop: str, size: int, with_mask
         _init_worker(*args)
         yield from tqdm(map(_process_item, items), total=len(items), desc=desc, unit="img")
         return
-    context = multiprocessing.get_context("fork")
+    # spawn, not fork: forking a process that already runs threads (OpenCV and tqdm start some) can copy a
+    # held lock into the child; a forked pool hung that way once here after an in-process read
+    context = multiprocessing.get_context("spawn")
     with context.Pool(workers, initializer=_init_worker, initargs=(*args, True)) as pool:
         chunk = max(1, min(32, len(items) // (workers * 8) or 1))
         yield from tqdm(pool.imap(_process_item, items, chunksize=chunk), total=len(items), desc=desc, unit="img")

@@ -223,3 +223,4 @@ def test_registry_rejects_bad_checksum_format(tmp_path):
     path.write_text("x:\n  reader: class_folders\n  classes: {a: a, b: b}\n  files: [{name: x.zip, checksum: abc}]\n")
     with pytest.raises(RegistryError, match="(?s)entry .x.*checksum"):
         registry.load_registry(path)
+
