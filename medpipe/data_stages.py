@@ -48,8 +48,7 @@ def preprocess(params: dict, raw_dir: Path, out: Path, report: Path) -> ImageSet
         "image_size": size,
         "images": len(data),
         "skipped": [{"file": s.member, "reason": s.reason} for s in result.skipped],
-        "seconds": round(seconds, 2),
-    })
+    })  # no timings here: the report is a dependency of `split`, and must not change when the data do not
     log.info("%d images at %d px, %d files skipped, %.1f s", len(data), size, len(result.skipped), seconds)
     return data
 
