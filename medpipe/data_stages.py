@@ -16,7 +16,7 @@ from medpipe.augment import augment_and_balance
 from medpipe.download import fetch
 from medpipe.imageset import ImageSet
 from medpipe.io import atomic_dir, read_json, write_json
-from medpipe.preprocess import read_dataset
+from medpipe.preprocess import ArchiveError, read_dataset
 from medpipe.registry import get_spec, load_registry, source_files
 from medpipe.splitting import SPLITS, normalization_stats, split_dataset
 
@@ -41,7 +41,7 @@ def preprocess(params: dict, raw_dir: Path, out: Path, report: Path) -> ImageSet
     seconds = time.perf_counter() - start
     data = result.imageset
     if len(data) == 0:
-        raise ValueError(f"no image of dataset {spec.name!r} in {raw_dir} could be read")
+        raise ArchiveError(f"no image of dataset {spec.name!r} in {raw_dir} could be read")
     data.save(out)
     write_json(report, {
         "dataset": spec.name,
@@ -61,7 +61,10 @@ def split(params: dict, images: Path, report: Path, out_dir: Path, metrics: Path
     parts = {name: data.subset(np.flatnonzero(result.split_of == i)) for i, name in enumerate(SPLITS)}
     for name, part in parts.items():
         if len(part) == 0:
-            raise ValueError(f"the {name} split is empty: the dataset is too small for split fractions {cfg}")
+            raise config.ParamsError(
+                f"the {name} split is empty: {len(data)} images are too few for split.train/val/test = "
+                f"{cfg.train}/{cfg.val}/{cfg.test}"
+            )
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, part in parts.items():
         part.save(out_dir / f"{name}.npz")

@@ -224,3 +224,13 @@ def test_registry_rejects_bad_checksum_format(tmp_path):
     with pytest.raises(RegistryError, match="(?s)entry .x.*checksum"):
         registry.load_registry(path)
 
+
+
+def test_split_too_small_for_the_fractions_is_a_params_error(tmp_path):
+    from medpipe import data_stages
+
+    make_set([0, 1, 0]).save(tmp_path / "images.npz")
+    (tmp_path / "report.json").write_text('{"skipped": []}')
+    with pytest.raises(ParamsError, match="3 images are too few for split.train/val/test = 0.7/0.15/0.15"):
+        data_stages.split({"dataset": "tiny", "split": {"near_duplicate_distance": -1}}, tmp_path / "images.npz",
+                          tmp_path / "report.json", tmp_path / "out", tmp_path / "data.json")

@@ -95,13 +95,17 @@ class ModelSpec(Strict):
         return base.updated(**changes)
 
 
+def known_arch(value: str, archs, kind: str) -> str:
+    if value not in archs:
+        raise ValueError(f"unknown {kind}architecture {value!r}; choose one of {list(archs)}")
+    return value
+
+
 class CNNModelSpec(ModelSpec):
     @field_validator("arch")
     @classmethod
     def _known(cls, value: str) -> str:
-        if value not in CNN_ARCHS:
-            raise ValueError(f"unknown CNN architecture {value!r}; choose one of {list(CNN_ARCHS)}")
-        return value
+        return known_arch(value, CNN_ARCHS, "CNN ")
 
 
 class UnfreezeConfig(Strict):
@@ -128,9 +132,7 @@ class ResNetModelSpec(ModelSpec):
     @field_validator("arch")
     @classmethod
     def _known(cls, value: str) -> str:
-        if value not in RESNET_ARCHS:
-            raise ValueError(f"unknown architecture {value!r}; choose one of {list(RESNET_ARCHS)}")
-        return value
+        return known_arch(value, RESNET_ARCHS, "")
 
     @property
     def pretrained(self) -> bool:
