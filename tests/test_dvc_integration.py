@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +39,19 @@ def copy_repository(dest: Path) -> None:
         if source.is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, dest / name)
+
+
+def test_every_stage_imports_the_medpipe_of_the_checkout_it_runs_in(tmp_path):
+    """Queued and temporary experiments run in a copy of the repository (`.dvc/tmp/exps/...`): their stages
+    must run that copy's code, not the package the editable install points at."""
+    shutil.copytree(ROOT / "stages", tmp_path / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "medpipe").mkdir()
+    (tmp_path / "medpipe/__init__.py").write_text('raise SystemExit(f"medpipe of the copy: {__file__}")\n')
+    for name, stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items():
+        program, *args = shlex.split(stage["cmd"])
+        assert program == "python", (name, stage["cmd"])
+        result = subprocess.run([sys.executable, *args[:2], "--help"], cwd=tmp_path, capture_output=True, text=True)
+        assert f"medpipe of the copy: {tmp_path}" in result.stderr, (name, stage["cmd"], result.stderr[-500:])
 
 
 def shrink_for_test(params: dict) -> None:
@@ -123,7 +138,7 @@ def test_checksum_mismatch_fails_the_stage_without_leaving_output(project, tmp_p
     bad_mirror.mkdir()
     (bad_mirror / "tiny.zip").write_bytes((mirror / "tiny.zip").read_bytes()[:-10] + b"0123456789")
     shutil.rmtree(repo / "data/raw", ignore_errors=True)
-    result = run(["python", "stages/download.py", "--out", "data/raw"], repo,
+    result = run(["python", "-m", "stages.download", "--out", "data/raw"], repo,
                  {**env, "MEDPIPE_DATA_MIRROR": str(bad_mirror)}, check=False)
     assert result.returncode == 1
     assert "checksum mismatch" in result.stderr and "tiny.zip" in result.stderr

@@ -192,6 +192,22 @@ def test_batch_augment_draws_per_image_and_moves_masks_with_images():
     assert out_masks.dtype == torch.uint8 and set(out_masks.unique().tolist()) <= {0, 1}
 
 
+@pytest.mark.parametrize("padding", ["reflection", "border", "zeros"])
+def test_batch_augment_fills_what_a_rotation_brings_in_by_the_padding_mode(padding):
+    """A bright image rotated by up to 30 degrees: mirrored or edge fill keeps it bright, zeros bring black corners."""
+    cfg = OnlineAugmentConfig(hflip=False, rotate_degrees=30, scale=0, translate=0.1, brightness=0, contrast=0,
+                              padding=padding)
+    images = torch.full((16, 3, 16, 16), 0.9)
+    out = BatchAugment(cfg, torch.Generator().manual_seed(0))(images)
+    darkest = float(out.min())
+    assert darkest < 0.1 if padding == "zeros" else darkest > 0.85
+
+
+def test_unknown_padding_mode_is_refused():
+    with pytest.raises(ValueError, match="padding"):
+        OnlineAugmentConfig(padding="wrap")
+
+
 def test_batch_augment_photometric_stays_in_range():
     cfg = OnlineAugmentConfig(hflip=False, rotate_degrees=0, scale=0, translate=0, brightness=0.5, contrast=0.5)
     x = torch.rand(16, 3, 8, 8)

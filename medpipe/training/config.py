@@ -26,6 +26,7 @@ class OnlineAugmentConfig(Strict):
     translate: float = Field(0.05, ge=0, le=0.5)   # shift as a fraction of the side
     brightness: float = Field(0.1, ge=0, le=1)
     contrast: float = Field(0.1, ge=0, le=1)
+    padding: Literal["zeros", "border", "reflection"] = "reflection"   # fill of the area moved in from outside
 
     @property
     def enabled(self) -> bool:
