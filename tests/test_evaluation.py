@@ -183,6 +183,15 @@ def test_tta_views_and_average():
     assert np.allclose(predict_proba_tta(model, data.images, flips_only), expected)
 
 
+def test_tta_noise_keeps_grey_images_grey_and_is_off_by_default():
+    grey = np.repeat(np.random.default_rng(0).integers(0, 256, (4, 16, 16, 1), dtype=np.uint8), 3, axis=3)
+    views = dict(tta_views(TTAConfig(noise_copies=1, noise_std=0.05), seed=1))
+    noisy = views["noise0"](grey)
+    assert noisy.dtype == np.uint8 and not np.array_equal(noisy, grey)
+    assert np.array_equal(noisy[..., 0], noisy[..., 1]) and np.array_equal(noisy[..., 0], noisy[..., 2])
+    assert [name for name, _ in tta_views(TTAConfig())] == ["identity", "hflip"]
+
+
 def test_roc_table_area_matches_auc(predictions):
     y, proba = predictions
     rows = plots.roc_table(y, proba, CLASSES)

@@ -1,7 +1,9 @@
 """Test-time augmentation: average a model's probabilities over label-preserving views of each image.
 
 Views are made on the uint8 images every predictor accepts, so TTA needs nothing from a model but
-``predict_proba``; the noisy views come from a seeded generator (same inputs -> same outputs).
+``predict_proba``; the noisy views come from a seeded generator (same inputs -> same outputs). Noisy views are
+off by default: a model trained without noise can be far from invariant to it (EfficientNet-Lite0 on
+brain-tumor-4class: test accuracy 0.934 plain, 0.844 with Gaussian noise of std 0.02 on every image).
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ def tta_views(cfg: TTAConfig, seed: int = 0) -> list[tuple[str, View]]:
     for i in range(cfg.noise_copies):
         def noisy(x: np.ndarray, i: int = i) -> np.ndarray:
             rng = np.random.default_rng([seed, i])
-            noise = rng.normal(0.0, cfg.noise_std * 255.0, size=x.shape)
+            # one noise field for all channels: a grey image stays grey (per-channel noise turns it into
+            # colour speckle that no training image had)
+            noise = rng.normal(0.0, cfg.noise_std * 255.0, size=x.shape[:-1] + (1,))
             return np.clip(np.rint(x.astype(np.float64) + noise), 0, 255).astype(np.uint8)
         views.append((f"noise{i}", noisy))
     return views
