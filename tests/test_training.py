@@ -112,6 +112,28 @@ def test_fit_is_generic_over_targets_and_losses():
     assert result.history[0]["val_mse"] > result.best_metrics["mse"]
 
 
+def test_onecycle_steps_every_batch_warming_up_then_annealing_keeping_group_ratios():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
+    batches = [(torch.randn(4, 3), torch.randint(0, 2, (4,))) for _ in range(5)]
+    groups = [{"params": model[0].parameters(), "lr": 0.1}, {"params": model[1].parameters(), "lr": 1.0}]
+    cfg = TrainConfig(epochs=6, lr=0.01, scheduler="onecycle", onecycle_pct_start=0.3, patience=10,
+                      precision="fp32", channels_last=False)
+    result = fit(model, batches, nn.functional.cross_entropy, lambda m: {"balanced_accuracy": 0.5}, cfg,
+                 param_groups=groups)
+    lrs = [r["lr"] for r in result.history]   # group 0's lr at the start of each epoch: peak 0.1 * train.lr
+    peak = lrs.index(max(lrs))
+    assert lrs[0] < 0.001 / 10 and 0 < peak < len(lrs) - 1 and lrs[-1] < lrs[peak] / 2
+    assert 0.0005 < max(lrs) <= 0.001 + 1e-12
+
+
+def test_onecycle_needs_batches_of_known_length():
+    cfg = TrainConfig(epochs=1, scheduler="onecycle", precision="fp32", channels_last=False)
+    batches = ((torch.randn(4, 2), torch.zeros(4, dtype=torch.long)) for _ in range(2))
+    with pytest.raises(ValueError, match="onecycle"):
+        fit(nn.Linear(2, 2), batches, nn.functional.cross_entropy, lambda m: {"balanced_accuracy": 1.0}, cfg)
+
+
 def test_checkpoint_round_trip_restores_training_state(tmp_path):
     model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)

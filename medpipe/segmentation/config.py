@@ -23,7 +23,7 @@ class UNetConfig(Strict):
     optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
-    scheduler: Literal["cosine", "plateau", "none"] = "cosine"
+    scheduler: Literal["cosine", "onecycle", "plateau", "none"] = "cosine"
     patience: int = Field(8, ge=1)             # epochs without a better validation Dice before stopping
     dice_weight: float = Field(1.0, ge=0)
     bce_weight: float = Field(1.0, ge=0)

@@ -43,8 +43,9 @@ class TrainConfig(Strict):
     momentum: float = Field(0.9, ge=0, lt=1)            # SGD only
     batch_size: int = Field(32, ge=1, le=4096)
     epochs: int = Field(20, ge=1)
-    scheduler: Literal["cosine", "plateau", "none"] = "cosine"
+    scheduler: Literal["cosine", "onecycle", "plateau", "none"] = "cosine"
     min_lr: float = Field(1e-6, ge=0)                   # cosine floor / plateau floor
+    onecycle_pct_start: float = Field(0.3, gt=0, lt=1)  # onecycle: share of the steps warming up to lr
     plateau_factor: float = Field(0.5, gt=0, lt=1)
     plateau_patience: int = Field(3, ge=0)
     monitor: str = "balanced_accuracy"                  # a key of the validation metrics

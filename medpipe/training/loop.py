@@ -1,7 +1,7 @@
 """One training loop for every torch model: classifiers, U-Nets, anything with a loss.
 
 The loop knows nothing about labels: the model, the loss and the validation metrics are arguments.
-It handles the optimiser (Adam/AdamW/SGD), learning-rate schedules (cosine annealing,
+It handles the optimiser (Adam/AdamW/SGD), learning-rate schedules (cosine annealing, one-cycle per batch,
 ReduceLROnPlateau), early stopping on a named validation metric, the best-by-validation checkpoint
 (self-describing: model, optimiser, scheduler, epoch, config and whatever ``checkpoint_extra`` adds),
 ``channels_last`` and bf16 autocast on CPU, CUDA where a GPU exists, and a per-epoch history.
@@ -42,7 +42,7 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,7 +148,15 @@ def build_optimizer(params: Iterable, cfg: TrainConfig) -> torch.optim.Optimizer
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int | None = None):
+    """The ``train.scheduler``; ``onecycle`` (stepped after every batch) needs the number of batches per epoch."""
+    if cfg.scheduler == "onecycle":
+        if not steps_per_epoch:
+            raise ValueError("train.scheduler 'onecycle' needs training batches whose number is known (len())")
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=[group["lr"] for group in optimizer.param_groups],
+            total_steps=cfg.epochs * steps_per_epoch, pct_start=cfg.onecycle_pct_start,
+        )
     if cfg.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs, eta_min=cfg.min_lr)
     if cfg.scheduler == "plateau":
@@ -176,8 +184,12 @@ def train_one_epoch(
     cfg: TrainConfig,
     device: torch.device,
     batch_metrics: BatchMetricFn | None = None,
+    batch_scheduler: Any = None,
 ) -> tuple[dict[str, float], int]:
-    """One pass over ``batches``; returns the sample-weighted mean loss (and batch metrics) and the sample count."""
+    """One pass over ``batches``; returns the sample-weighted mean loss (and batch metrics) and the sample count.
+
+    ``batch_scheduler`` (one-cycle) is stepped after every optimizer step.
+    """
     totals: dict[str, float] = {}
     seen = 0
     for inputs, targets in batches:
@@ -193,6 +205,8 @@ def train_one_epoch(
         if cfg.grad_clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
+        if batch_scheduler is not None:
+            batch_scheduler.step()
         n = _batch_size(targets, inputs)
         seen += n
         totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) * n
@@ -237,7 +251,8 @@ def fit(
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(param_groups if param_groups is not None else model.parameters(), cfg)
-    scheduler = build_scheduler(optimizer, cfg)
+    scheduler = build_scheduler(optimizer, cfg, len(train_batches) if isinstance(train_batches, Sized) else None)
+    per_batch = isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR)
     stopper = EarlyStopping(cfg.monitor_mode, cfg.patience, cfg.min_delta)
     checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
     history: list[dict[str, float]] = []
@@ -253,7 +268,8 @@ def fit(
             before_epoch(epoch, model)
         lr = optimizer.param_groups[0]["lr"]
         start = time.perf_counter()
-        train_stats, seen = train_one_epoch(model, train_batches, loss_fn, optimizer, cfg, device, batch_metrics)
+        train_stats, seen = train_one_epoch(model, train_batches, loss_fn, optimizer, cfg, device, batch_metrics,
+                                            scheduler if per_batch else None)
         seconds = time.perf_counter() - start
         train_time += seconds
         samples += seen
@@ -268,7 +284,7 @@ def fit(
         stop = stopper.step(score, epoch + 1)
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             scheduler.step(score)
-        elif scheduler is not None:
+        elif scheduler is not None and not per_batch:
             scheduler.step()
         record = {
             "epoch": epoch + 1,
