@@ -12,8 +12,8 @@ import argparse
 import time
 
 from medpipe.paths import mirror_dir
-from medpipe.preprocess import read_dataset
-from medpipe.registry import get_spec, load_registry
+from medpipe.data.preprocess import read_dataset
+from medpipe.data.registry import get_spec, load_registry
 
 
 def main() -> None:

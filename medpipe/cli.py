@@ -1,32 +1,49 @@
-"""What every stage script shares: logging set-up and a clean exit on a user-facing error."""
+"""What every stage script and command shares: logging set-up and a clean exit on a user-facing error."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import logging
 import sys
+import typing
 from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
 
-from medpipe.config import ParamsError
-from medpipe.download import DownloadError
-from medpipe.imaging import ImageDecodeError
-from medpipe.preprocess import ArchiveError
-from medpipe.registry import RegistryError
+from medpipe import config
+from medpipe.errors import UserError
 
-# Errors caused by the user's data or parameters: print the message, not a traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    ParamsError, RegistryError, DownloadError, ArchiveError, ImageDecodeError, FileNotFoundError,
-)
-
-
-def register_user_error(*errors: type[BaseException]) -> None:
-    global USER_ERRORS
-    USER_ERRORS = tuple(dict.fromkeys((*USER_ERRORS, *errors)))
+P = TypeVar("P")
 
 
 def run(main: Callable[[], None]) -> None:
+    """Run ``main``; a :class:`UserError` (or a missing input file) prints one line and exits with status 1."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         main()
-    except USER_ERRORS as err:
+    except (UserError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+
+
+def stage_main(run_stage: Callable[[dict, P], object], paths_type: type[P], description: str | None) -> None:
+    """The whole ``main`` of a stage script: a command line that mirrors the stage's ``cmd:`` in dvc.yaml.
+
+    Every field of ``paths_type`` (a dataclass) becomes a required option (``out_dir`` -> ``--out-dir``),
+    typed by its annotation, so a path is written in ``dvc.yaml`` only (in ``cmd`` and in deps/outs);
+    ``--params`` picks the params file. Then ``run_stage(params, paths)`` runs under :func:`run`.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--params", type=Path, default=Path(config.PARAMS_FILE), help="the params file")
+    hints = typing.get_type_hints(paths_type)
+    for field in dataclasses.fields(paths_type):
+        parser.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, type=hints[field.name],
+                            required=True)
+
+    def main() -> None:
+        args = vars(parser.parse_args())
+        params = config.load_params(args.pop("params"))
+        run_stage(params, paths_type(**args))
+
+    run(main)

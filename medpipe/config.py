@@ -16,19 +16,31 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from medpipe.errors import UserError
+
 PARAMS_FILE = "params.yaml"
 SECTIONS = (
-    "seed", "dataset", "image_size", "download", "preprocess", "split", "augment",
-    "train", "cnn", "resnet", "classical", "segment", "evaluate", "mlflow",
+    "seed", "seeds", "dataset", "image_size", "download", "preprocess", "split", "augment",
+    "train", "classifiers", "segmenters", "models", "classical", "segment", "evaluate",
 )
 
 
-class ParamsError(ValueError):
+class ParamsError(UserError, ValueError):
     """params.yaml is missing a key, has an unknown key, or holds a wrong value."""
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def __getstate__(self) -> dict:
+        """Pickle the set of fields given as a sorted list: a set of strings pickles in hash order, which changes
+        from process to process, and a saved model holding a config would change bytes (and DVC hash) on rerun."""
+        state = super().__getstate__()
+        state["__pydantic_fields_set__"] = sorted(state["__pydantic_fields_set__"])
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__({**state, "__pydantic_fields_set__": set(state["__pydantic_fields_set__"])})
 
 
 class DownloadConfig(Strict):
@@ -38,6 +50,9 @@ class DownloadConfig(Strict):
 class PreprocessConfig(Strict):
     workers: int = Field(2, ge=1, le=64)
     crop: Literal["auto", "brain_contour", "scan_area", "none"] = "auto"
+    # larger images are skipped as too_large from their header, before decoding (decompression bombs);
+    # the default is PIL's own Image.MAX_IMAGE_PIXELS (1 GiB / 4 B / 3: about 9459 x 9459 px)
+    max_pixels: int = Field(89_478_485, gt=0)
 
 
 class SplitConfig(Strict):
@@ -125,6 +140,15 @@ def global_seed(params: dict) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ParamsError(f"params.yaml: seed must be a non-negative integer, got {seed!r}")
     return seed
+
+
+def training_seeds(params: dict) -> list[int]:
+    """``seeds``: the training seeds of the deep models (each model trains once per seed)."""
+    seeds = params.get("seeds", [global_seed(params)])
+    if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
+            or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds)):
+        raise ParamsError(f"params.yaml: seeds must be a non-empty list of distinct non-negative integers, got {seeds!r}")
+    return seeds
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:

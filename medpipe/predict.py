@@ -26,18 +26,21 @@ from typing import Any
 
 import numpy as np
 
-from medpipe import cli, config, imaging
+from medpipe.errors import UserError
+from medpipe import cli, config
+from medpipe.data import imaging
 from medpipe.io import read_json
-from medpipe.predictors import ModelLoadError, discover, load_model
-from medpipe.preprocess import process_image
-from medpipe.registry import DatasetSpec, get_spec
+from medpipe.config import training_seeds
+from medpipe.predictors import classical_models, deep_models, load_model
+from medpipe.data.preprocess import process_image
+from medpipe.data.registry import DatasetSpec, get_spec
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
-DEFAULT_CHAMPION = Path("models/evaluate/champion.json")
+DEFAULT_CHAMPION = Path("reports/evaluate/champion.json")
 
 
-class PredictError(ValueError):
+class PredictError(UserError, ValueError):
     """Bad input to medpipe-predict."""
 
 
@@ -87,22 +90,23 @@ def collect_files(paths: Iterable[Path], prep: Preprocessing) -> list[Path]:
     return files
 
 
-def resolve_model(model: str | None, models_dir: Path, champion_file: Path) -> Path:
-    """A model file from a path, a model name as in metrics/evaluate.json, or the champion record."""
+def resolve_model(model: str | None, models_dir: Path, champion_file: Path, params: dict) -> Path:
+    """A model file from a path, a model name (its best seed by validation), or the champion record."""
     if model is None:
         if not champion_file.is_file():
             raise FileNotFoundError(f"{champion_file} does not exist: run `dvc repro evaluate` or pass --model")
         record = read_json(champion_file)
-        if not record.get("path"):
+        if not record.get("file"):
             raise PredictError(f"{champion_file} names no champion (no model had validation metrics): pass --model")
-        return Path(record["path"])
+        return Path(record["file"])
     if Path(model).suffix in (".pt", ".joblib"):
         return Path(model)
-    known = discover(models_dir)
-    for mf in known:
-        if mf.name == model:
-            return mf.path
-    raise PredictError(f"unknown model {model!r}; known under {models_dir}: {[m.name for m in known]}")
+    known = deep_models(models_dir, [model], training_seeds(params), "classification") \
+        + [m for m in classical_models(models_dir) if m.name == model]
+    if not known:
+        raise PredictError(f"no trained model {model!r} under {models_dir} (a name of `classifiers` or "
+                           f"`classical.models` in params.yaml, or a .pt/.joblib file)")
+    return max(known, key=lambda m: m.validation().get("balanced_accuracy") or 0.0).path
 
 
 def predict_files(model: Any, files: Sequence[Path], prep: Preprocessing) -> np.ndarray:
@@ -162,7 +166,7 @@ def run(argv: Sequence[str] | None = None, out=None) -> np.ndarray | None:
         proba = np.asarray(pyfunc.predict(np.stack([prep.load(p) for p in files])), dtype=np.float64)
         class_names = tuple(spec.class_names)
     else:
-        model = load_model(resolve_model(args.model, args.models_dir, args.champion))
+        model = load_model(resolve_model(args.model, args.models_dir, args.champion, params))
         proba = predict_files(model, files, prep)
         class_names = tuple(model.class_names)
     write_table(files, proba, class_names, args.format, out)
@@ -170,7 +174,6 @@ def run(argv: Sequence[str] | None = None, out=None) -> np.ndarray | None:
 
 
 def main() -> None:
-    cli.register_user_error(PredictError, ModelLoadError)
     cli.run(lambda: run())
 
 

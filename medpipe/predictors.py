@@ -1,11 +1,13 @@
-"""Find and load every trained classifier by its file, whatever stage wrote it.
+"""Every trained model the pipeline selected, found by its file and loaded behind one interface.
 
-- ``models/<stage>/<model>.pt``: a torch model, loaded with
-  ``medpipe.training.predictor.TorchClassifier.load`` (deep: TTA and Grad-CAM apply);
-- ``models/<stage>/<model>.joblib``: a scikit-learn style model (classical models, voting ensemble).
+Where the training stages put them (paths in ``dvc.yaml``):
+- ``models/<model>/seed<k>/model.pt``: a deep classifier (:class:`TorchClassifier`) or a U-Net
+  (:class:`UNetSegmenter`), one per training seed, with ``validation.json`` beside it;
+- ``models/classical/<model>.joblib``: the classical classifiers, with ``validation.json`` in the folder;
+- ``models/pixel_classifier/model.joblib``: the classical segmenter, with ``validation.json``.
 
-Both give ``predict_proba(images uint8 (N, H, W, 3)) -> (N, C)`` and ``class_names``. Beside each
-file, ``<model>.mlflow.json`` names its MLflow run and registered version.
+Classifiers give ``predict_proba(images uint8 (N, H, W, 3)) -> (N, C)`` and ``class_names``;
+segmenters ``predict_proba -> (N, H, W)`` and ``predict_masks(images, cleanup)``.
 """
 
 from __future__ import annotations
@@ -15,62 +17,74 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from medpipe.errors import UserError
 from medpipe.io import read_json
 
 log = logging.getLogger(__name__)
-
-TRAINING_STAGES = ("train_cnn", "train_resnet", "train_classical")
-SUFFIXES = {".pt": "deep", ".joblib": "classical"}
+VALIDATION_FILE = "validation.json"
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UserError, ValueError):
     """A model file could not be found or loaded."""
 
 
 @dataclass(frozen=True)
 class ModelFile:
-    name: str    # unique across stages: the file stem, prefixed by the stage only on a clash
-    stage: str
+    name: str            # the model's name in params.yaml (`models` key, classical model, pixel_classifier)
+    seed: int | None     # the training seed (None for the classical models, which train once with `seed`)
     path: Path
-
-    @property
-    def kind(self) -> str:
-        return SUFFIXES[self.path.suffix]
+    task: str            # classification | segmentation
 
     @property
     def is_deep(self) -> bool:
-        return self.kind == "deep"
+        return self.path.suffix == ".pt"
 
-    @property
-    def sidecar(self) -> Path:
-        return self.path.with_suffix(".mlflow.json")
-
-    def mlflow_info(self) -> dict[str, Any] | None:
-        return read_json(self.sidecar) if self.sidecar.is_file() else None
-
-
-def discover(models_dir: Path, stages: tuple[str, ...] = TRAINING_STAGES) -> list[ModelFile]:
-    """Every model file under ``models_dir/<stage>/``; a stage without models is noted and skipped."""
-    found: list[tuple[str, Path]] = []
-    for stage in stages:
-        folder = Path(models_dir) / stage
-        files = sorted(p for p in folder.glob("*") if p.suffix in SUFFIXES and p.is_file()) if folder.is_dir() else []
-        if not files:
-            log.warning("no model in %s (stage %s not run yet?): skipped", folder, stage)
-        found.extend((stage, p) for p in files)
-    stems = [p.stem for _, p in found]
-    return [
-        ModelFile(name=p.stem if stems.count(p.stem) == 1 else f"{stage}_{p.stem}", stage=stage, path=p)
-        for stage, p in found
-    ]
+    def validation(self) -> dict[str, Any]:
+        """The validation metrics its training stage wrote ({} when there are none)."""
+        file = self.path.parent / VALIDATION_FILE
+        record = read_json(file) if file.is_file() else {}
+        if self.is_deep or self.task == "segmentation":
+            return record.get("validation") or {}
+        return record.get(self.name) or {}
 
 
-def load_model(path: str | Path) -> Any:
-    """Load a classifier from its ``.pt`` or ``.joblib`` file."""
+def deep_models(models_dir: Path, names: list[str], seeds: list[int], task: str) -> list[ModelFile]:
+    """``models/<name>/seed<k>/model.pt`` of every selected deep model and seed; skipped ones are noted."""
+    found = []
+    for name in names:
+        for seed in seeds:
+            path = Path(models_dir) / name / f"seed{seed}" / "model.pt"
+            if path.is_file():
+                found.append(ModelFile(name, seed, path, task))
+            else:
+                status = read_json(path.with_name(VALIDATION_FILE)).get("status") \
+                    if path.with_name(VALIDATION_FILE).is_file() else "not trained (run dvc repro)"
+                log.warning("%s seed %d: no model (%s)", name, seed, status)
+    return found
+
+
+def classical_models(models_dir: Path) -> list[ModelFile]:
+    folder = Path(models_dir) / "classical"
+    return [ModelFile(p.stem, None, p, "classification") for p in sorted(folder.glob("*.joblib"))]
+
+
+def pixel_classifier(models_dir: Path) -> list[ModelFile]:
+    path = Path(models_dir) / "pixel_classifier" / "model.joblib"
+    return [ModelFile("pixel_classifier", None, path, "segmentation")] if path.is_file() else []
+
+
+def load_any(path: str | Path) -> Any:
+    """A classifier or segmenter from its ``.pt`` checkpoint or ``.joblib`` file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"model file {path} does not exist: run the training stage (dvc repro)")
+        raise FileNotFoundError(f"model file {path} does not exist: run the training stages (dvc repro)")
     if path.suffix == ".pt":
+        from medpipe.training.checkpoint import load_checkpoint
+
+        if "unet" in load_checkpoint(path).get("extra", {}):
+            from medpipe.segmentation.predictor import UNetSegmenter
+
+            return UNetSegmenter.load(path)
         from medpipe.training.predictor import TorchClassifier
 
         return TorchClassifier.load(path)
@@ -78,8 +92,15 @@ def load_model(path: str | Path) -> Any:
         import joblib
 
         model = joblib.load(path)
-        for attribute in ("predict_proba", "class_names"):
-            if not hasattr(model, attribute):
-                raise ModelLoadError(f"{path}: the loaded object has no {attribute!r}")
+        if not hasattr(model, "predict_proba"):
+            raise ModelLoadError(f"{path}: the loaded object has no 'predict_proba'")
         return model
-    raise ModelLoadError(f"{path}: unknown model file type {path.suffix!r}; expected one of {sorted(SUFFIXES)}")
+    raise ModelLoadError(f"{path}: unknown model file type {path.suffix!r}; expected .pt or .joblib")
+
+
+def load_model(path: str | Path) -> Any:
+    """A classifier (``class_names`` and ``predict_proba`` -> (N, C)); a segmenter file is refused."""
+    model = load_any(path)
+    if not hasattr(model, "class_names"):
+        raise ModelLoadError(f"{path} is not a classifier (it has no class names): pass a classifier's model file")
+    return model

@@ -3,11 +3,14 @@
     medpipe-report                        # workspace vs main, to stdout
     medpipe-report --base HEAD~1 --out report.md --plots-out report_plots
 
-Sections: ``dvc params diff --md``, ``dvc metrics diff --md`` (every model's test metrics and their
-confidence bounds), the workspace's model comparison table (``metrics/summary.md``), the plot data
-files that changed, the figures of the models concerned and, with ``--plots-out``, the HTML of
-``dvc plots diff`` (all plots of both revisions overlaid). Paste the file into the pull request or
-post it (``gh pr comment --body-file report.md``).
+Sections: ``dvc params diff --md`` (what changed), then the verdict table: every model of the
+workspace's ``reports/predictions/`` against the same model at the base revision, on each headline
+metric, by a paired bootstrap over the test images (:mod:`medpipe.evaluation.compare`): base, head,
+difference, its interval and the verdict (better / worse / within noise), models with a verdict
+other than "within noise" first. Models on one side only are listed as added or removed. If the test
+images differ between the revisions no paired verdict is possible: the report says so and shows the
+unpaired values. Then the plot data files that changed and, with ``--plots-out``, the HTML of
+``dvc plots diff``. Paste the file into the pull request or post it (``gh pr comment --body-file report.md``).
 """
 
 from __future__ import annotations
@@ -17,12 +20,18 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from medpipe import cli
+from medpipe.errors import UserError
+from medpipe.evaluation.compare import (
+    WITHIN_NOISE, Comparison, Predictions, compare, load_predictions, point_estimates, same_test_split,
+)
+
+PREDICTIONS_DIR = Path("reports/predictions")
 
 
-class ReportError(RuntimeError):
+class ReportError(UserError, RuntimeError):
     """A command the report needs failed (not a git/DVC repository, unknown base revision, ...)."""
 
 
@@ -34,6 +43,15 @@ class Result:
 
 
 Runner = Callable[[Sequence[str]], Result]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How the paired bootstrap of the verdict table is run."""
+
+    resamples: int = 1000
+    confidence: float = 0.95
+    seed: int = 0
 
 
 def run_command(cmd: Sequence[str]) -> Result:
@@ -48,50 +66,200 @@ def _checked(runner: Runner, cmd: Sequence[str]) -> str:
     return result.stdout
 
 
+# --------------------------------------------------------------------------- files at the base revision
+
+
+def _dvc_errors() -> tuple[type[Exception], ...]:
+    """What DVC raises for a path or revision it cannot serve (then git is asked instead)."""
+    from dvc.exceptions import DvcException
+    from scmrepo.exceptions import SCMError
+
+    return DvcException, SCMError, OSError
+
+
+def read_at_revision(path: PurePosixPath, rev: str, runner: Runner = run_command) -> str | None:
+    """The text of ``path`` at ``rev``: through DVC (tracked outputs), else ``git show``; None if absent."""
+    import dvc.api
+
+    try:
+        with dvc.api.open(path.as_posix(), rev=rev) as handle:
+            return handle.read()
+    except _dvc_errors():
+        result = runner(["git", "show", f"{rev}:{path.as_posix()}"])
+        return result.stdout if result.returncode == 0 else None
+
+
+def files_at_revision(directory: PurePosixPath, rev: str, runner: Runner = run_command) -> list[str]:
+    """File names directly under ``directory`` at ``rev`` (DVC-tracked or in git); empty if it is absent."""
+    from dvc.api import DVCFileSystem
+
+    try:
+        entries = DVCFileSystem(".", rev=rev).ls(directory.as_posix(), detail=True)
+        return sorted(PurePosixPath(e["name"]).name for e in entries if e["type"] == "file")
+    except _dvc_errors():
+        result = runner(["git", "ls-tree", "--name-only", rev, f"{directory.as_posix()}/"])
+        if result.returncode != 0:
+            return []
+        return sorted(PurePosixPath(line).name for line in result.stdout.splitlines())
+
+
+def _models(names: Sequence[str]) -> list[str]:
+    return sorted(PurePosixPath(n).stem for n in names if n.endswith(".csv"))
+
+
+# --------------------------------------------------------------------------- the verdict table
+
+
+@dataclass(frozen=True)
+class ModelResult:
+    """One model present at both revisions: its comparisons, paired or (test split changed) not."""
+
+    model: str
+    comparisons: tuple[Comparison, ...]
+    paired: bool
+
+    @property
+    def decided(self) -> bool:
+        """Whether some metric is better or worse (such models are listed first)."""
+        return self.paired and any(c.verdict != WITHIN_NOISE for c in self.comparisons)
+
+
+def _unpaired(base: Predictions, head: Predictions) -> tuple[Comparison, ...]:
+    """Point values of both sides without interval or verdict (the test images differ)."""
+    if base.kind != head.kind:
+        return ()
+    a, b = point_estimates(base), point_estimates(head)
+    nan = float("nan")
+    return tuple(Comparison(m, a[m], b[m], b[m] - a[m], nan, nan, "n/a") for m in a)
+
+
+def compare_model(model: str, base: Predictions, head: Predictions, settings: Settings) -> ModelResult:
+    """Paired verdicts on the headline metrics if both sides share the test images, else unpaired values."""
+    if not same_test_split(base, head):
+        return ModelResult(model, _unpaired(base, head), paired=False)
+    result = compare(base, head, resamples=settings.resamples, seed=settings.seed,
+                     confidence=settings.confidence)
+    return ModelResult(model, tuple(result.values()), paired=True)
+
+
+def _number(value: float, signed: bool = False) -> str:
+    if value != value:  # NaN: undefined on this split
+        return "n/a"
+    return f"{value:+.4f}" if signed else f"{value:.4f}"
+
+
+def _verdict_cell(c: Comparison, paired: bool) -> str:
+    if not paired:
+        return "n/a (test split changed)"
+    text = c.verdict if c.verdict == WITHIN_NOISE else f"**{c.verdict}**"
+    return text if c.p_value is None else f"{text} (McNemar p = {c.p_value:.3g})"
+
+
+def _row(result: ModelResult, c: Comparison) -> str:
+    metric = f"{c.metric} ↓" if c.lower_is_better else c.metric
+    interval = f"[{_number(c.ci_low, True)}, {_number(c.ci_high, True)}]" if result.paired else "—"
+    cells = [result.model, metric, _number(c.base), _number(c.head), _number(c.difference, True), interval,
+             _verdict_cell(c, result.paired)]
+    return "| " + " | ".join(cells) + " |"
+
+
+def verdict_table(results: Sequence[ModelResult], confidence: float) -> list[str]:
+    """Markdown table lines, models with a better/worse verdict first, then by name."""
+    header = ["model", "metric", "base", "head", "difference", f"{confidence:.0%} interval", "verdict"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for result in sorted(results, key=lambda r: (not r.decided, r.model)):
+        lines += [_row(result, c) for c in result.comparisons]
+    return lines
+
+
+def verdict_section(
+    base: str, predictions_dir: Path, settings: Settings, runner: Runner = run_command
+) -> list[str]:
+    """The "Model verdicts" section: the verdict table, the split-changed note, added and removed models."""
+    directory = PurePosixPath(predictions_dir.as_posix())
+    head_models = _models([p.name for p in predictions_dir.glob("*.csv")])
+    base_models = _models(files_at_revision(directory, base, runner))
+    lines = ["## Model verdicts", ""]
+    if not head_models and not base_models:
+        return lines + [f"No prediction files in `{directory}/` (the `evaluate` stage writes them).", ""]
+    results = []
+    for model in sorted(set(head_models) & set(base_models)):
+        path = directory / f"{model}.csv"
+        text = read_at_revision(path, base, runner)
+        if text is None:
+            raise ReportError(f"{path} is listed at `{base}` but cannot be read there "
+                              f"(is its DVC cache fetched? `dvc fetch --rev {base}`)")
+        base_pred = load_predictions(text, name=f"{path} at {base}")
+        head_pred = load_predictions(predictions_dir / f"{model}.csv")
+        results.append(compare_model(model, base_pred, head_pred, settings))
+    lines += _verdict_body(base, settings, results)
+    lines += [*_added_removed(head_models, base_models), ""]
+    return lines
+
+
+def _verdict_body(base: str, settings: Settings, results: Sequence[ModelResult]) -> list[str]:
+    if not results:
+        return []
+    lines = [
+        f"Workspace minus `{base}` on the same test images; {settings.confidence:.0%} paired-bootstrap "
+        f"interval ({settings.resamples} resamples, metrics averaged over training seeds). better / worse: "
+        "the interval excludes 0 on that side; ↓: lower is better.",
+        "",
+    ]
+    changed = [r.model for r in results if not r.paired]
+    if changed:
+        names = ", ".join(f"`{m}`" for m in changed)
+        lines += [f"**Test split changed** for {names}: the test images differ between the revisions, "
+                  "so no paired verdict is possible; unpaired values shown.", ""]
+    return lines + verdict_table(results, settings.confidence)
+
+
+def _added_removed(head_models: Sequence[str], base_models: Sequence[str]) -> list[str]:
+    lines = []
+    for label, models in (("Added", set(head_models) - set(base_models)),
+                          ("Removed", set(base_models) - set(head_models))):
+        if models:
+            lines += ["", f"{label}: {', '.join(f'`{m}`' for m in sorted(models))}."]
+    return lines
+
+
+# --------------------------------------------------------------------------- the rest of the report
+
+
 def changed_plot_files(runner: Runner, base: str, plots_dir: str = "plots") -> list[str]:
     """Plot data files tracked by git that differ between ``base`` and the workspace."""
     out = _checked(runner, ["git", "diff", "--name-only", base, "--", plots_dir])
     return sorted(line for line in out.splitlines() if line.strip())
 
 
-def build_report(base: str, runner: Runner = run_command, summary: Path = Path("metrics/summary.md"),
-                 figures: Path = Path("plots/evaluate/figures"), plots_out: Path | None = None) -> str:
-    _checked(runner, ["git", "rev-parse", "--verify", "--quiet", f"{base}^{{commit}}"])
-    head = _checked(runner, ["git", "rev-parse", "--short", "HEAD"]).strip()
-    params = _checked(runner, ["dvc", "params", "diff", base, "--md"]).strip()
-    metrics = _checked(runner, ["dvc", "metrics", "diff", base, "--md", "--precision", "4"]).strip()
-    lines = [
-        f"# medpipe report: workspace (HEAD {head}) vs `{base}`",
-        "",
-        "## Parameters changed",
-        "",
-        params or "No parameter changed.",
-        "",
-        "## Metrics changed",
-        "",
-        "Test-split metrics per model (`evaluate.<model>.<metric>`; `_ci_low`/`_ci_high`: bootstrap interval). "
-        "A change smaller than the interval's width is within noise.",
-        "",
-        metrics or "No metric changed.",
-        "",
-    ]
-    if summary.is_file():
-        body = summary.read_text().strip().splitlines()
-        body = [f"#{line}" if line.startswith("#") else line for line in body]  # nest under this report
-        lines += ["## Model comparison (workspace)", "", *body, ""]
-    changed = changed_plot_files(runner, base)
-    lines += ["## Plots changed", ""]
-    if changed:
-        lines += [f"- `{path}`" for path in changed]
-        models = sorted({Path(p).stem for p in changed})
-        shown = [figures / f"{m}.png" for m in models if (figures / f"{m}.png").is_file()]
-        if shown:
-            lines += ["", *(f"![{p.stem}]({p.as_posix()})" for p in shown)]
-    else:
-        lines.append("No plot data changed.")
+def plots_section(runner: Runner, base: str, plots_out: Path | None) -> list[str]:
+    """Changed plot files, one line per folder, and the `dvc plots diff` HTML when asked for."""
+    by_folder: dict[str, list[str]] = {}
+    for path in changed_plot_files(runner, base):
+        by_folder.setdefault(str(PurePosixPath(path).parent), []).append(PurePosixPath(path).name)
+    lines = ["## Plots changed", ""]
+    listed = [f"- `{folder}/`: {', '.join(names)}" for folder, names in by_folder.items()]
+    lines += listed or ["No plot data changed."]
     if plots_out is not None:
         _checked(runner, ["dvc", "plots", "diff", base, "--out", str(plots_out)])
         lines += ["", f"All plots, `{base}` and workspace overlaid: `{plots_out / 'index.html'}`"]
+    return lines
+
+
+def build_report(base: str, runner: Runner = run_command, predictions_dir: Path = PREDICTIONS_DIR,
+                 plots_out: Path | None = None, settings: Settings = Settings()) -> str:
+    """The whole Markdown report of the workspace against ``base`` (run from the repository root)."""
+    _checked(runner, ["git", "rev-parse", "--verify", "--quiet", f"{base}^{{commit}}"])
+    head = _checked(runner, ["git", "rev-parse", "--short", "HEAD"]).strip()
+    params = _checked(runner, ["dvc", "params", "diff", base, "--md"]).strip()
+    if len(params.splitlines()) <= 2:  # a table header without rows
+        params = ""
+    lines = [
+        f"# medpipe report: workspace (HEAD {head}) vs `{base}`", "",
+        "## Parameters changed", "", params or "No parameter changed.", "",
+        *verdict_section(base, Path(predictions_dir), settings, runner),
+        *plots_section(runner, base, plots_out),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -100,19 +268,23 @@ def main(argv: Sequence[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default="main", help="git revision to compare with (default: main)")
     parser.add_argument("--out", type=Path, help="write the Markdown here (default: stdout)")
-    parser.add_argument("--summary", type=Path, default=Path("metrics/summary.md"))
-    parser.add_argument("--figures", type=Path, default=Path("plots/evaluate/figures"))
+    parser.add_argument("--predictions", type=Path, default=PREDICTIONS_DIR,
+                        help=f"per-model prediction CSVs of the evaluate stage (default: {PREDICTIONS_DIR})")
+    parser.add_argument("--resamples", type=int, default=Settings.resamples,
+                        help="paired-bootstrap resamples")
+    parser.add_argument("--confidence", type=float, default=Settings.confidence, help="interval level")
+    parser.add_argument("--seed", type=int, default=Settings.seed, help="seed of the bootstrap draws")
     parser.add_argument("--plots-out", type=Path, help="also render `dvc plots diff` HTML into this folder")
     args = parser.parse_args(argv)
 
     def go() -> None:
-        text = build_report(args.base, run_command, args.summary, args.figures, args.plots_out)
+        settings = Settings(args.resamples, args.confidence, args.seed)
+        text = build_report(args.base, run_command, args.predictions, args.plots_out, settings)
         if args.out:
             args.out.write_text(text)
         else:
             sys.stdout.write(text)
 
-    cli.register_user_error(ReportError)
     cli.run(go)
 
 

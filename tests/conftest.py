@@ -11,6 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+# the `project` fixture (a copy of the repository on a tiny dataset) for the tests that run real dvc/mlflow
+pytest_plugins = ("tests.dvc_project",)
+
 
 def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
     buffer = io.BytesIO()

@@ -14,9 +14,10 @@ import yaml
 from medpipe.classical.config import ClassicalConfig
 from medpipe.classical.features import Embedding, make_extractor, make_features
 from medpipe.classical.models import ImageClassifier, train_all
-from medpipe.classical.stage import load_model, train_classical
+from medpipe.classical.stage import ClassicalPaths, run
 from medpipe.config import ParamsError, load_section
-from medpipe.imageset import ImageSet
+from medpipe.data.imageset import ImageSet
+from medpipe.predictors import load_model
 
 CLASSES = ("dark", "bright", "striped")
 REPO = Path(__file__).resolve().parents[1]
@@ -118,7 +119,8 @@ def test_embedding_is_not_pickled_and_checks_the_weights_it_is_rebuilt_with():
     ({"models": ["knn", "voting"]}, r"voting needs at least two"),
     ({"search": {"svm": {"C": [1, -1]}}}, r"greater than 0"),
     ({"search": {"svm": {"degree": [2]}}}, r"search.svm: unknown key"),
-    ({"train_on": "both"}, r"classical.train_on"),
+    ({"train_set": "both"}, r"classical.train_set"),
+    ({"train_on": "plain"}, r"classical.train_on"),     # the removed key is an unknown key now
 ])
 def test_bad_params_name_the_key(section, match):
     with pytest.raises(ParamsError, match=match):
@@ -128,8 +130,9 @@ def test_bad_params_name_the_key(section, match):
 def test_stage_script_reports_unknown_feature_without_traceback(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"seed": 1, "dataset": "toy", "classical": {"features": ["sift"]}}))
-    proc = subprocess.run([sys.executable, str(REPO / "stages/train_classical.py"), "--params", str(params)],
-                          capture_output=True, text=True, cwd=tmp_path)
+    proc = subprocess.run([sys.executable, str(REPO / "stages/train_classical.py"), "--params", str(params),
+                           "--train", "train.npz", "--val", "val.npz", "--out", "models/classical"],
+                          capture_output=True, text=True, cwd=tmp_path, check=False)
     assert proc.returncode == 1
     assert "unknown feature ['sift']" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -213,36 +216,95 @@ def test_max_train_images_caps_only_the_svm():
         load_section({"classical": {"search": {"svm": {"max_train_images": [100]}}}}, "classical", ClassicalConfig)
 
 
-# --- the stage end to end, with MLflow in a temporary store -------------------------------------
+# --- the stage end to end ---------------------------------------------------------------------
 
-def test_stage_writes_models_metrics_and_registers_in_mlflow(tmp_path, monkeypatch):
-    import mlflow
+TIMING = ("second", "time", "duration", "elapsed")
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/m.db")
-    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
-    for split, seed in (("train", 1), ("train_augmented", 6), ("val", 2)):
-        imageset(30 if split == "val" else 45, seed).save(tmp_path / f"{split}.npz")
-    params = {"seed": 0, "dataset": "toy",
-              "classical": {**FAST, "models": ["knn", "random_forest", "voting"], "train_on": "plain"}}
-    out, metrics = tmp_path / "models", tmp_path / "metrics.json"
-    (out).mkdir()
-    (out / "svm.joblib").write_text("stale")  # a model no longer in params must disappear
-    train_classical(params, tmp_path / "train.npz", tmp_path / "val.npz", out, metrics,
-                    train_augmented=tmp_path / "train_augmented.npz")
 
-    record = json.loads(metrics.read_text())
+def stage_inputs(tmp_path: Path) -> ClassicalPaths:
+    imageset(45, seed=1).save(tmp_path / "train.npz")
+    imageset(30, seed=2).save(tmp_path / "val.npz")
+    return ClassicalPaths(tmp_path / "train.npz", tmp_path / "val.npz", tmp_path / "models/classical")
+
+
+def stage_params(models: list[str]) -> dict:
+    return {"seed": 0, "dataset": "toy", "classical": {**FAST, "features": ["raw", "histogram"], "models": models}}
+
+
+def test_stage_writes_models_and_validation_without_timings_and_rewrites_the_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDPIPE_TRACKING", "off")
+    paths = stage_inputs(tmp_path)
+    paths.out.mkdir(parents=True)
+    (paths.out / "svm.joblib").write_text("stale")  # a model no longer in params must disappear
+    result = run(stage_params(["knn", "random_forest", "voting"]), paths)
+    record = json.loads((paths.out / "validation.json").read_text())
     assert set(record) == {"knn", "random_forest", "voting"}
-    for values in record.values():
-        assert set(values) == {"accuracy", "balanced_accuracy", "f1_macro", "roc_auc", "fit_seconds"}
-    assert sorted(p.name for p in out.glob("*.joblib")) == ["knn.joblib", "random_forest.joblib", "voting.joblib"]
+    for name, values in record.items():
+        assert set(values) == {"accuracy", "balanced_accuracy", "f1_macro", "roc_auc"}
+        assert values == pytest.approx(result.models[name].metrics)
+    assert not [k for values in record.values() for k in values if any(t in k for t in TIMING)]
+    assert sorted(p.name for p in paths.out.iterdir()) == ["knn.joblib", "random_forest.joblib", "validation.json",
+                                                          "voting.joblib"]
+    va = ImageSet.load(paths.val)
+    for name, trained in result.models.items():
+        np.testing.assert_array_equal(load_model(paths.out / f"{name}.joblib").predict_proba(va.images),
+                                      trained.model.predict_proba(va.images))
+    first = (paths.out / "validation.json").read_bytes()
 
-    sidecar = json.loads((out / "voting.mlflow.json").read_text())
-    assert sidecar["registered_model"] == "medpipe-toy-voting" and sidecar["version"] == 1
-    run = mlflow.get_run(sidecar["run_id"])
-    assert run.data.tags["stage"] == "train_classical" and "val_accuracy" in run.data.metrics
-    assert run.data.params["classical.train_on"] == "plain"
+    run(stage_params(["knn", "random_forest", "voting"]), paths)  # the same inputs: the same bytes
+    assert (paths.out / "validation.json").read_bytes() == first
 
-    images = ImageSet.load(tmp_path / "val.npz").images[:4]
-    pyfunc = mlflow.pyfunc.load_model(sidecar["model_uri"])
+    run(stage_params(["knn"]), paths)  # models dropped from classical.models leave the folder
+    assert sorted(p.name for p in paths.out.iterdir()) == ["knn.joblib", "validation.json"]
+    assert set(json.loads((paths.out / "validation.json").read_text())) == {"knn"}
+    assert sorted(p.name for p in paths.out.parent.iterdir()) == ["classical"]  # no temporary folder left
+
+
+def test_a_failed_run_leaves_the_previous_models_untouched(tmp_path, monkeypatch):
+    from medpipe.classical import stage
+
+    monkeypatch.setenv("MEDPIPE_TRACKING", "off")
+    paths = stage_inputs(tmp_path)
+    run(stage_params(["knn", "random_forest"]), paths)
+    before = {p.name: p.read_bytes() for p in paths.out.iterdir()}
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("MLflow is down")
+
+    monkeypatch.setattr(stage, "log_models", fail)  # fails after the new models were written
+    with pytest.raises(RuntimeError, match="MLflow is down"):
+        run(stage_params(["knn"]), paths)
+    assert {p.name: p.read_bytes() for p in paths.out.iterdir()} == before
+    assert sorted(p.name for p in paths.out.parent.iterdir()) == ["classical"]
+    other = imageset(30, seed=2)
+    ImageSet(**{**other.__dict__, "class_names": ("a", "b", "c")}).save(paths.val)
+    with pytest.raises(ParamsError, match="class names differ"):
+        run(stage_params(["knn"]), paths)
+    assert {p.name: p.read_bytes() for p in paths.out.iterdir()} == before
+
+
+def test_stage_registers_every_model_in_mlflow(tmp_path, monkeypatch):
+    import mlflow
+    from mlflow import MlflowClient
+
+    from medpipe.tracking.models import file_md5
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.delenv("MEDPIPE_TRACKING", raising=False)
+    paths = stage_inputs(tmp_path)
+    run(stage_params(["knn"]), paths)
+    assert sorted(p.name for p in paths.out.iterdir()) == ["knn.joblib", "validation.json"]  # no sidecar files
+
+    version = MlflowClient().get_model_version("medpipe-toy-knn", "1")
+    logged = mlflow.get_run(version.run_id)
+    assert logged.data.tags["stage"] == "train_classical" and logged.data.tags["model"] == "knn"
+    assert logged.data.tags["model_md5"] == file_md5(paths.out / "knn.joblib")
+    assert logged.data.metrics["best_accuracy"] == json.loads((paths.out / "validation.json").read_text())["knn"]["accuracy"]
+    assert "fit_seconds" in logged.data.metrics  # timings go to MLflow, not to the outputs
+    assert logged.data.params["classical.train_set"] == "train"
+
+    images = ImageSet.load(paths.val).images[:4]
+    pyfunc = mlflow.pyfunc.load_model("models:/medpipe-toy-knn/1")
     assert pyfunc.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["dtype"] == "uint8"
-    np.testing.assert_allclose(pyfunc.predict(images), load_model(out / "voting.joblib").predict_proba(images))
+    np.testing.assert_allclose(pyfunc.predict(images), load_model(paths.out / "knn.joblib").predict_proba(images))

@@ -1,18 +1,21 @@
 """Unit tests of the data stages' logic on small generated archives."""
 
-import zipfile
+import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from medpipe import config, registry
-from medpipe.augment import augment_and_balance, augment_one, balance_targets, build_transform
+from medpipe import config
+from medpipe.data import registry
+from medpipe.data.augment import augment_and_balance, augment_one, balance_targets, build_transform
 from medpipe.config import AugmentConfig, ParamsError, SplitConfig
-from medpipe.imageset import ImageSet
-from medpipe.preprocess import ArchiveError, class_folder_items, read_dataset
-from medpipe.registry import DatasetSpec, RegistryError
-from medpipe.splitting import group_images, near_duplicate_pairs, normalization_stats, split_dataset
+from medpipe.data.imageset import ImageSet
+from medpipe.data.preprocess import ArchiveError, class_folder_items, read_dataset
+from medpipe.data.registry import DatasetSpec, RegistryError
+from medpipe.data.splitting import group_images, near_duplicate_pairs, normalization_stats, split_dataset
 from tests.conftest import make_class_zip, png_bytes
+from tests.test_imaging import bomb_png
 
 
 def busi_like_spec(**overrides) -> DatasetSpec:
@@ -67,6 +70,20 @@ def test_class_folders_read_with_masks_merged_and_bad_files_skipped(tmp_path):
     items, _ = class_folder_items(busi_like_spec(), archive)
     assert len(next(i for i in items if i.member.endswith("benign (0).png")).mask_members) == 2
     assert data.masks[first].sum() > 0
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_decompression_bomb_is_skipped_with_its_reason(tmp_path, capfd, workers):
+    make_class_zip(tmp_path / "tiny.zip", n_per_class=2, extras={"root/benign/bomb.png": bomb_png()})
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    max_pixels = 48 * 48  # the good images (48 x 48) are just within the limit
+    result = read_dataset(busi_like_spec(), tmp_path, size=32, workers=workers, max_pixels=max_pixels)
+    assert result.imageset.class_counts() == {"benign": 2, "malignant": 2, "normal": 2}
+    reasons = {s.member: s.reason for s in result.skipped}
+    assert reasons == {"tiny.zip:root/benign/bomb.png": "too_large: 30000x30000 = 900000000 px > "
+                                                        "preprocess.max_pixels (2304)"}
+    assert "Traceback" not in capfd.readouterr().err
+    assert Image.MAX_IMAGE_PIXELS == pil_limit  # the in-process run restores PIL's global limit
 
 
 def test_two_workers_give_the_same_arrays_as_one(tmp_path):
@@ -195,6 +212,13 @@ def test_split_fractions_must_sum_to_one():
         config.load_section({"split": {"train": 0.7, "val": 0.2, "test": 0.15}}, "split", SplitConfig)
 
 
+@pytest.mark.parametrize("value", [0, -1, "many"])
+def test_max_pixels_must_be_a_positive_integer(value):
+    assert config.load_section({}, "preprocess", config.PreprocessConfig).max_pixels == 89_478_485
+    with pytest.raises(ParamsError, match=f"preprocess.max_pixels: .*got {value!r}"):
+        config.load_section({"preprocess": {"max_pixels": value}}, "preprocess", config.PreprocessConfig)
+
+
 def test_typo_in_params_names_the_key():
     with pytest.raises(ParamsError, match="split.sed"):
         config.load_section({"split": {"sed": 3}}, "split", SplitConfig)
@@ -227,10 +251,27 @@ def test_registry_rejects_bad_checksum_format(tmp_path):
 
 
 def test_split_too_small_for_the_fractions_is_a_params_error(tmp_path):
-    from medpipe import data_stages
+    from medpipe.data.splitting import SplitPaths, run
 
     make_set([0, 1, 0]).save(tmp_path / "images.npz")
     (tmp_path / "report.json").write_text('{"skipped": []}')
+    paths = SplitPaths(tmp_path / "images.npz", tmp_path / "report.json", tmp_path / "out", tmp_path / "details.json",
+                       tmp_path / "data.json")
     with pytest.raises(ParamsError, match="3 images are too few for split.train/val/test = 0.7/0.15/0.15"):
-        data_stages.split({"dataset": "tiny", "split": {"near_duplicate_distance": -1}}, tmp_path / "images.npz",
-                          tmp_path / "report.json", tmp_path / "out", tmp_path / "data.json")
+        run({"dataset": "tiny", "split": {"near_duplicate_distance": -1}}, paths)
+    assert not (tmp_path / "data.json").exists()
+
+
+def test_split_writes_a_small_headline_and_the_details_apart(tmp_path):
+    from medpipe.data.splitting import SplitPaths, run
+
+    make_set([0, 1] * 20).save(tmp_path / "images.npz")
+    (tmp_path / "report.json").write_text('{"skipped": [{"file": "a.txt", "reason": "not an image"}]}')
+    paths = SplitPaths(tmp_path / "images.npz", tmp_path / "report.json", tmp_path / "out", tmp_path / "details.json",
+                       tmp_path / "data.json")
+    parts = run({"dataset": "tiny", "split": {"near_duplicate_distance": -1}}, paths)
+    headline = json.loads((tmp_path / "data.json").read_text())
+    assert headline == {"train": len(parts["train"]), "val": len(parts["val"]), "test": len(parts["test"]),
+                        "dropped": 0, "skipped": 1}
+    details = json.loads((tmp_path / "details.json").read_text())
+    assert details["skipped"]["by_reason"] == {"not an image": 1} and details["classes"] == list(parts["train"].class_names)

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from medpipe.download import DownloadError, fetch
-from medpipe.registry import SourceFile
+from medpipe.data.download import DownloadError, fetch
+from medpipe.data.registry import SourceFile
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
 

@@ -2,43 +2,39 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 import shlex
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
-from medpipe.imageset import ImageSet
-from tests.conftest import make_class_zip, sha256_of
+from medpipe.data.imageset import ImageSet
+from tests.dvc_project import ROOT, commit, copy_repository, numbers_in, ran, run
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(cmd: list[str], cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    return result
+def test_copy_skips_local_environments_even_when_git_does_not_ignore_them(tmp_path):
+    root = tmp_path / "checkout"
+    (root / "venv2/lib").mkdir(parents=True)
+    (root / "venv2/pyvenv.cfg").write_text("home = /usr/bin\n")
+    (root / "venv2/lib/big.bin").write_bytes(b"0" * 1000)
+    (root / "code.py").write_text("x = 1\n")
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    dest = tmp_path / "copy"
+    copy_repository(dest, root)
+    assert (dest / "code.py").is_file()
+    assert not (dest / "venv2").exists()
 
 
-def copy_repository(dest: Path) -> None:
-    """The files git would commit (tracked plus untracked-but-not-ignored), as a fresh git repository."""
-    listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=ROOT, capture_output=True, text=True, check=True,
-    ).stdout.split("\0")
-    for name in filter(None, listed):
-        source = ROOT / name
-        if source.is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, dest / name)
+def test_local_environments_are_git_ignored():
+    ignored = subprocess.run(["git", "check-ignore", ".venv/bin/python", "venv/x", ".tox/y"], cwd=ROOT,
+                             capture_output=True, text=True).stdout.split()
+    assert ignored == [".venv/bin/python", "venv/x", ".tox/y"]
 
 
 def test_every_stage_imports_the_medpipe_of_the_checkout_it_runs_in(tmp_path):
@@ -54,63 +50,15 @@ def test_every_stage_imports_the_medpipe_of_the_checkout_it_runs_in(tmp_path):
         assert f"medpipe of the copy: {tmp_path}" in result.stderr, (name, stage["cmd"], result.stderr[-500:])
 
 
-def shrink_for_test(params: dict) -> None:
-    """Every model, one epoch or a few trees: the test checks the wiring, not the accuracy."""
-    params["train"].update(epochs=1, batch_size=16, patience=1)
-    params["cnn"]["train"] = ["cnn_two_conv"]
-    params["resnet"]["train"] = ["efficientnet_lite0"]
-    params["resnet"]["models"]["efficientnet_lite0"]["epochs"] = 2
-    params["resnet"]["unfreeze"]["head_epochs"] = 1
-    classical = params["classical"]
-    classical.update(features=["hog", "histogram"], models=["knn", "random_forest", "voting"])
-    classical["random_forest"]["n_estimators"] = 10
-    segment = params["segment"]
-    segment.update(bootstrap_samples=100, grid_images=2)
-    segment["unet"].update(epochs=1, depth=2, base_width=8, input_size=32, batch_size=8)
-    segment["pixel_classifier"].update(n_estimators=5, pixels_per_image=40)
-    params["evaluate"].update(bootstrap_resamples=50, gradcam_per_class=1)
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    """A copy of the repository whose default dataset is a small generated BUSI-like zip."""
-    base = tmp_path_factory.mktemp("dvc")
-    repo, mirror = base / "repo", base / "mirror"
-    repo.mkdir()
-    mirror.mkdir()
-    copy_repository(repo)
-    archive = make_class_zip(mirror / "tiny.zip", n_per_class=24, size=48,
-                             extras={"root/benign/.DS_Store": b"junk", "root/benign/broken.png": b"\x89PNG"})
-    registry = yaml.safe_load((repo / "datasets.yaml").read_text())
-    registry["tiny"] = {
-        "files": [{"name": "tiny.zip", "checksum": f"sha256:{sha256_of(archive)}", "urls": []}],
-        "reader": "class_folders",
-        "classes": {"benign": "benign", "malignant": "malignant", "normal": "normal"},
-        "mask_suffix": "_mask",
-        "crop": "scan_area",
-        "image_size": 32,
-    }
-    (repo / "datasets.yaml").write_text(yaml.safe_dump(registry, sort_keys=False))
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["dataset"] = "tiny"
-    shrink_for_test(params)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "MEDPIPE_DATA_MIRROR": str(mirror), "MLFLOW_TRACKING_URI": f"sqlite:///{base}/mlflow.db"}
-    env.pop("DVC_ROOT", None)
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
-        run(cmd, repo, env)
-    return repo, env, mirror
-
-
 def test_data_stages_run_and_never_leak_duplicates_across_splits(project):
     repo, env, _ = project
     run(["dvc", "repro", "augment"], repo, env)
     data = json.loads((repo / "metrics/data.json").read_text())
-    assert data["dataset"] == "tiny" and data["image_size"] == 32
-    assert sum(s["total"] for s in data["splits"].values()) + data["duplicates"]["dropped_images"] == 72
-    reasons = data["skipped"]["by_reason"]
-    assert data["skipped"]["total"] == 2 and reasons["hidden file"] == 1
+    assert data["train"] + data["val"] + data["test"] + data["dropped"] == 72 and data["skipped"] == 2
+    details = json.loads((repo / "data/processed/split_report.json").read_text())
+    assert details["dataset"] == "tiny" and details["image_size"] == 32
+    reasons = details["skipped"]["by_reason"]
+    assert reasons["hidden file"] == 1
     assert any(reason.startswith(("corrupt or truncated", "not an image")) for reason in reasons)
     hashes = {name: set(ImageSet.load(repo / f"data/processed/{name}.npz").content_hashes) for name in
               ("train", "val", "test")}
@@ -147,33 +95,71 @@ def test_checksum_mismatch_fails_the_stage_without_leaving_output(project, tmp_p
     assert not any(p.name.endswith(".tmp") for p in (repo / "data").iterdir())
 
 
-def test_full_pipeline_then_an_lr_experiment_reruns_only_what_depends_on_it(project):
+DEEP = {"train@cnn_two_conv-42", "train@efficientnet_lite0-42", "train_segmenter@unet-42"}
+
+
+def test_full_pipeline_is_reproducible_and_reruns_exactly_what_changed(project):
     repo, env, _ = project
     run(["dvc", "repro"], repo, env)
-    for name in ("train_cnn", "train_resnet", "train_classical", "segment", "evaluate"):
-        assert (repo / f"metrics/{name}.json").is_file(), name
-    evaluated = json.loads((repo / "metrics/evaluate.json").read_text())
-    assert {"cnn_two_conv", "efficientnet_lite0", "knn", "random_forest", "voting"} <= set(evaluated)
-    assert "dice_mean" in json.dumps(json.loads((repo / "metrics/segment.json").read_text()))
+    for folder in ("cnn_two_conv/seed42", "efficientnet_lite0/seed42", "unet/seed42"):
+        assert (repo / "models" / folder / "model.pt").is_file(), folder
+    assert (repo / "plots/train/cnn_two_conv/seed42/plots/metrics/val/loss.tsv").is_file()
+    headline = json.loads((repo / "metrics/evaluate.json").read_text())
+    assert set(headline["classifiers"]) == {"cnn_two_conv", "efficientnet_lite0", "knn", "random_forest", "voting"}
+    assert set(headline["segmenters"]) == {"unet", "pixel_classifier"}
+    declared = numbers_in(headline) + numbers_in(json.loads((repo / "metrics/data.json").read_text()))
+    assert declared <= 60, declared
     assert "Data and pipelines are up to date" in run(["dvc", "status"], repo, env).stdout
-    run(["git", "add", "-A"], repo, env)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline"], repo, env)
+    lock = (repo / "dvc.lock").read_text()
+    commit(repo, env, "baseline")
+
+    # the same inputs give the same bytes: a forced rerun of every stage leaves dvc.lock (model hashes) as it was
+    run(["dvc", "repro", "-f"], repo, env)
+    assert (repo / "dvc.lock").read_text() == lock
+    assert run(["git", "status", "--porcelain", "metrics", "plots"], repo, env).stdout == ""
 
     out = run(["dvc", "exp", "run", "-n", "lower-lr", "-S", "train.lr=1e-4"], repo, env).stdout
-    for stage in ("train_cnn", "train_resnet", "evaluate"):
-        assert f"Running stage '{stage}'" in out, stage
-    for stage in ("download", "preprocess", "split", "augment", "train_classical", "segment"):
-        assert f"Running stage '{stage}'" not in out, stage
-    diff = json.loads(run(["dvc", "metrics", "diff", "--json"], repo, env).stdout)
-    assert any(key.endswith("evaluate.json") for key in diff)
+    assert ran(out) == DEEP | {"evaluate"}, out
+    assert len(run(["dvc", "metrics", "diff", "--json"], repo, env).stdout.splitlines()) > 0
     assert "lower-lr" in run(["dvc", "exp", "show", "--csv"], repo, env).stdout
+    run(["dvc", "exp", "apply", "lower-lr"], repo, env)
+    assert yaml.safe_load((repo / "params.yaml").read_text())["train"]["lr"] == 1e-4
+    run(["git", "checkout", "--", "."], repo, env)
+    run(["dvc", "checkout", "--force"], repo, env)
+
+    out = run(["dvc", "exp", "run", "-S", "models.cnn_two_conv.train.epochs=2"], repo, env).stdout
+    assert ran(out) == {"train@cnn_two_conv-42", "evaluate"}, out
+    out = run(["dvc", "exp", "run", "-S", "seeds=[42,7]"], repo, env).stdout
+    assert ran(out) == {"train@cnn_two_conv-7", "train@efficientnet_lite0-7", "train_segmenter@unet-7",
+                        "evaluate"}, out
+    details = json.loads((repo / "reports/evaluate/details.json").read_text())
+    assert len(details["cnn_two_conv"]["headline_per_seed"]) == 2 and details["cnn_two_conv"]["std"]["accuracy"] >= 0
 
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
-    runs = client.search_runs([client.get_experiment_by_name("medpipe").experiment_id], max_results=200)
+    runs = client.search_runs([client.get_experiment_by_name("medpipe").experiment_id], max_results=500)
     assert {"workspace", "lower-lr"} <= {r.data.tags.get("dvc_experiment") for r in runs}
-    champion = json.loads((repo / "models/evaluate/champion.json").read_text())
+    assert all(r.data.tags.get("git_commit") for r in runs)
+    champion = json.loads((repo / "reports/evaluate/champion.json").read_text())
     assert champion["alias_set"] is True
     version = client.get_model_version_by_alias(champion["registered_model"], "champion")
-    assert str(version.version) == str(champion["version"])
+    assert client.get_run(version.run_id).data.tags["model_md5"] == hashlib.md5(
+        (repo / champion["file"]).read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("module, stages", [
+    ("medpipe/classical/features.py", {"train_classical"}),
+    ("medpipe/evaluation/summary.py", {"evaluate"}),
+])
+def test_editing_a_module_changes_exactly_the_stages_that_import_it(project, module, stages):
+    repo, env, _ = project
+    run(["dvc", "repro"], repo, env)
+    path = repo / module
+    original = path.read_text()
+    try:
+        path.write_text(original + "\n# edited\n")
+        status = json.loads(run(["dvc", "status", "--json"], repo, env).stdout)
+        assert set(status) == stages, status
+    finally:
+        path.write_text(original)

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import csv
+import itertools
 import json
+import logging
+import math
+import re
+import shutil
 import warnings
+from pathlib import Path
 
 import joblib
 import numpy as np
@@ -14,12 +21,14 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer
 
-from medpipe.evaluation import calibration, champion, pipeline, plots
+from medpipe.data.imageset import ImageSet
+from medpipe.evaluation import calibration, compare, plots
+from medpipe.evaluation.classify import ClassMismatchError
 from medpipe.evaluation.config import EvaluateConfig, TTAConfig
 from medpipe.evaluation.scores import evaluate_with_ci, weighted_metrics
+from medpipe.evaluation.stage import EvaluatePaths, NoModelError, choose_champion, run
 from medpipe.evaluation.tta import predict_proba_tta, tta_views
-from medpipe.imageset import ImageSet
-from medpipe.predictors import discover
+from medpipe.predictors import ModelFile
 
 CLASSES = ("benign", "malignant", "normal")
 
@@ -66,21 +75,31 @@ class TinyTorchClassifier:
         return [self.model[0]]
 
 
-def make_set(n_per_class=(8, 6, 5), size: int = 12, seed: int = 0) -> ImageSet:
+def make_set(n_per_class=(8, 6, 5), size: int = 12, seed: int = 0, masks: bool = False,
+             class_names=CLASSES) -> ImageSet:
+    """Images with a class-dependent bright corner; with ``masks``, a bright lesion square in every image
+    but those of the last class (BUSI's 'normal'), and its mask."""
     rng = np.random.default_rng(seed)
-    images, labels = [], []
+    images, labels, lesions = [], [], []
     for label, n in enumerate(n_per_class):
         for _ in range(n):
             img = rng.integers(0, 120, size=(size, size, 3))
             img[: size // 2, : size // 2] += 40 * label  # class-dependent bright corner
+            lesion = np.zeros((size, size), np.uint8)
+            if masks and label != len(n_per_class) - 1:
+                side = size // 3
+                top, left = rng.integers(size // 4, size - side, size=2)
+                lesion[top:top + side, left:left + side] = 1
+                img[lesion.astype(bool)] = 230
             images.append(np.clip(img, 0, 255).astype(np.uint8))
             labels.append(label)
+            lesions.append(lesion)
     n = len(labels)
     return ImageSet(
-        images=np.stack(images), labels=np.array(labels, dtype=np.int64), class_names=CLASSES,
+        images=np.stack(images), labels=np.array(labels, dtype=np.int64), class_names=tuple(class_names),
         source_ids=np.array([f"img{i}" for i in range(n)]), groups=np.full(n, ""),
         content_hashes=np.array([f"h{i}" for i in range(n)]), phashes=np.zeros(n, dtype=np.uint64),
-        source_splits=np.full(n, ""),
+        source_splits=np.full(n, ""), masks=np.stack(lesions) if masks else None,
     )
 
 
@@ -204,117 +223,472 @@ def test_roc_table_area_matches_auc(predictions):
     assert all(0 <= r["precision"] <= 1 for r in pr)
 
 
-# -- the stage -----------------------------------------------------------------------------------------
+# -- the stage on real (tiny) models ------------------------------------------------------------------
+# Two deep classifiers x two seeds, two classical models, two U-Nets (one per seed) and the pixel
+# classifier, each written by its own training stage on 16 px images (one epoch): about 10 s in all.
+SEEDS = [1, 2]
+PARAMS = {
+    "dataset": "toy", "seed": 1, "seeds": SEEDS,
+    "classifiers": ["cnn_a", "cnn_b"], "segmenters": ["unet"],
+    "train": {"epochs": 1, "batch_size": 8, "threads": 1, "precision": "fp32", "device": "cpu", "patience": 1},
+    "models": {
+        "cnn_a": {"arch": "cnn_two_conv", "input_size": 16, "dropout": 0.5},
+        "cnn_b": {"arch": "cnn_two_conv", "input_size": 16, "dropout": 0.1},
+        "unet": {"arch": "unet", "depth": 1, "base_width": 4, "input_size": 32},
+    },
+    # 7 trees: forest probabilities are multiples of 1/7, never on an ECE bin edge (k/15, k/10)
+    "classical": {"features": ["raw", "histogram"], "models": ["knn", "random_forest"], "n_jobs": 1,
+                  "raw": {"size": 8}, "random_forest": {"n_estimators": 7}},
+    "segment": {"pixel_classifier": {"n_estimators": 5, "max_depth": 4, "sigma_max": 2.0, "pixels_per_image": 20}},
+    "evaluate": {"bootstrap_resamples": 50, "gradcam_per_class": 1, "grid_images": 2},
+}
+HEADLINE_CLASSIFIER_METRICS = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc", "ece")
+TIMING = ("second", "time", "duration", "per_second", "elapsed")
+
+
+def params(**changes) -> dict:
+    out = json.loads(json.dumps(PARAMS))
+    for key, value in changes.items():
+        out[key] = {**out[key], **value} if isinstance(value, dict) else value
+    return out
+
+
+def paths(root: Path) -> EvaluatePaths:
+    return EvaluatePaths(models=root / "models", test=root / "test.npz", val=root / "val.npz",
+                         metrics=root / "metrics/evaluate.json", summary=root / "metrics/summary.md",
+                         details=root / "reports/evaluate", predictions=root / "reports/predictions",
+                         plots=root / "plots/evaluate")
+
+
+def train_models(root: Path, p: dict) -> None:
+    """models/ as the training stages leave it, from their own ``run`` functions."""
+    from medpipe.classical.stage import ClassicalPaths
+    from medpipe.classical.stage import run as run_classical
+    from medpipe.segmentation.stage import PixelClassifierPaths
+    from medpipe.segmentation.stage import run as run_pixel_classifier
+    from medpipe.training.stage import TrainPaths
+    from medpipe.training.stage import run as run_training
+
+    make_set(size=16, seed=0, masks=True).save(root / "train.npz")
+    make_set(size=16, seed=1, masks=True).save(root / "val.npz")
+    make_set(size=16, seed=2, masks=True).save(root / "test.npz")
+    (root / "normalization.json").write_text(json.dumps({"mode": "mean_std", "mean": [0.3] * 3, "std": [0.25] * 3}))
+    for name in p["classifiers"] + p["segmenters"]:
+        for seed in p["seeds"]:
+            run_training(p, TrainPaths(name, seed, root / "train.npz", root / "val.npz", root / "normalization.json",
+                                       root / f"models/{name}/seed{seed}", root / f"live/{name}/seed{seed}"))
+    run_classical(p, ClassicalPaths(root / "train.npz", root / "val.npz", root / "models/classical"))
+    run_pixel_classifier(p, PixelClassifierPaths(root / "train.npz", root / "val.npz", root / "models/pixel_classifier"))
+
+
+def set_validation(root: Path, scores: dict) -> None:
+    """Overwrite the validation balanced accuracy of deep seeds ((name, seed) keys) and classical models."""
+    classical = root / "models/classical/validation.json"
+    record = json.loads(classical.read_text())
+    for key, value in scores.items():
+        if isinstance(key, tuple):
+            file = root / f"models/{key[0]}/seed{key[1]}/validation.json"
+            deep = json.loads(file.read_text())
+            deep["validation"]["balanced_accuracy"] = value
+            file.write_text(json.dumps(deep))
+        else:
+            record[key]["balanced_accuracy"] = value
+    classical.write_text(json.dumps(record))
+
+
+# best single seed: cnn_a seed 1 (0.95); best mean over seeds: cnn_b (0.71), whose best seed is 2
+VALIDATION = {("cnn_a", 1): 0.95, ("cnn_a", 2): 0.35, ("cnn_b", 1): 0.70, ("cnn_b", 2): 0.72,
+              "knn": 0.60, "random_forest": 0.55}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trained")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MEDPIPE_TRACKING", "off")
+        mp.setenv("DVC_ROOT", str(root))
+        train_models(root, PARAMS)
+    return root
+
+
 @pytest.fixture
-def workspace(tmp_path, monkeypatch):
-    """models/, metrics/ and data splits as the training stages leave them, MLflow in tmp_path."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/m.db")
+def workspace(trained, tmp_path, monkeypatch):
+    """A private copy of the trained models and splits (tests may change it); MLflow off."""
+    monkeypatch.setenv("MEDPIPE_TRACKING", "off")
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
-    train, val, test = make_set(seed=0), make_set(seed=1), make_set(seed=2)
-    val.save(tmp_path / "val.npz")
-    test.save(tmp_path / "test.npz")
-    (tmp_path / "models/train_classical").mkdir(parents=True)
-    (tmp_path / "models/train_cnn").mkdir(parents=True)
-    joblib.dump(flat_classifier(train), tmp_path / "models/train_classical/logreg.joblib")
-    torch.save({"placeholder": True}, tmp_path / "models/train_cnn/tiny.pt")
-    deep = TinyTorchClassifier(CLASSES)
-    real_load = pipeline.load_model
-    monkeypatch.setattr(pipeline, "load_model", lambda p: deep if p.suffix == ".pt" else real_load(p))
-    (tmp_path / "metrics").mkdir()
-    (tmp_path / "metrics/train_classical.json").write_text(json.dumps({"logreg": {"balanced_accuracy": 0.9}}))
-    (tmp_path / "metrics/train_cnn.json").write_text(json.dumps({"tiny": {"balanced_accuracy": 0.4}}))
+    shutil.copytree(trained / "models", tmp_path / "models")
+    for split in ("train", "val", "test"):
+        shutil.copy(trained / f"{split}.npz", tmp_path / f"{split}.npz")
     return tmp_path
 
 
-def _register(name: str) -> dict:
-    """A registered model version in the temporary MLflow store, as a training stage leaves it."""
-    from mlflow import MlflowClient
-
-    from medpipe import tracking
-
-    with tracking.start_run("train_classical", "toy", name) as run:
-        pass
-    client = MlflowClient()
-    client.create_registered_model(f"medpipe-toy-{name}")
-    version = client.create_model_version(f"medpipe-toy-{name}", source=f"runs:/{run.info.run_id}/{name}",
-                                          run_id=run.info.run_id)
-    return {"run_id": run.info.run_id, "registered_model": f"medpipe-toy-{name}", "version": int(version.version),
-            "model_uri": f"models:/medpipe-toy-{name}/{version.version}"}
-
-
-def outputs(root) -> pipeline.Outputs:
-    return pipeline.Outputs(metrics=root / "out/evaluate.json", summary=root / "out/summary.md",
-                            plots=root / "plots/evaluate", champion=root / "models/evaluate/champion.json")
+@pytest.fixture(scope="module")
+def evaluated(trained, tmp_path_factory):
+    """The evaluate stage once over every tiny model, validation scores set as in VALIDATION."""
+    root = tmp_path_factory.mktemp("evaluated")
+    shutil.copytree(trained / "models", root / "models")
+    for split in ("train", "val", "test"):
+        shutil.copy(trained / f"{split}.npz", root / f"{split}.npz")
+    set_validation(root, VALIDATION)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MEDPIPE_TRACKING", "off")
+        mp.setenv("DVC_ROOT", str(root))
+        headline = run(PARAMS, paths(root))
+    return root, headline
 
 
-def run_stage(root, **evaluate):
-    params = {"seed": 1, "evaluate": {"bootstrap_resamples": 100, "gradcam_per_class": 1, **evaluate}}
-    return pipeline.evaluate(params, root / "models", root / "metrics", root / "test.npz", root / "val.npz",
-                             outputs(root))
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
 
 
-def test_stage_scores_every_model_and_crowns_the_champion(workspace):
-    sidecar = _register("logreg")
-    (workspace / "models/train_classical/logreg.mlflow.json").write_text(json.dumps(sidecar))
-    results = run_stage(workspace)
-    saved = json.loads((workspace / "out/evaluate.json").read_text())
-    assert set(saved) == {"logreg", "tiny", "tiny_tta"} and saved == json.loads(json.dumps(results))
-    for model in saved.values():  # flat: model -> metric, so `dvc metrics diff` reads per model
-        assert all(not isinstance(v, dict | list) for v in model.values())
-        assert model["accuracy_ci_low"] <= model["accuracy"] <= model["accuracy_ci_high"]
-    assert "temperature" in saved["logreg"] and "ece_ts" in saved["logreg"]
-    test = ImageSet.load(workspace / "test.npz")
-    from medpipe.predictors import load_model
+def classifier_rows(path: Path) -> tuple[tuple[str, ...], dict[int, tuple[np.ndarray, np.ndarray]]]:
+    """Class names and {seed: (labels (N,), probabilities (N, C))} of a classifier's prediction CSV."""
+    rows = read_csv(path)
+    names = tuple(c[2:] for c in rows[0] if c.startswith("p_"))
+    by_seed: dict[int, list[dict[str, str]]] = {}
+    for row in rows:
+        by_seed.setdefault(int(row["seed"]), []).append(row)
+    out = {}
+    for seed, seed_rows in by_seed.items():
+        seed_rows.sort(key=lambda r: int(r["image"]))
+        y = np.array([names.index(r["label"]) for r in seed_rows])
+        proba = np.array([[float(r[f"p_{c}"]) for c in names] for r in seed_rows])
+        assert [r["predicted"] for r in seed_rows] == [names[i] for i in proba.argmax(1)]
+        out[seed] = (y, proba)
+    return names, out
 
-    proba = load_model(workspace / "models/train_classical/logreg.joblib").predict_proba(test.images)
-    assert saved["logreg"]["accuracy"] == pytest.approx(skm.accuracy_score(test.labels, proba.argmax(1)))
+
+def ece_by_hand(y: np.ndarray, proba: np.ndarray, bins: int) -> float:
+    """Expected calibration error: equal-width bins (lo, hi] of the top-label confidence."""
+    confidence, correct = proba.max(1), proba.argmax(1) == y
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    total = 0.0
+    for lo, hi in itertools.pairwise(edges):
+        in_bin = (confidence > lo) & (confidence <= hi)
+        if in_bin.any():
+            total += in_bin.sum() * abs(confidence[in_bin].mean() - correct[in_bin].mean())
+    return total / len(y)
+
+
+def sklearn_metrics(y: np.ndarray, proba: np.ndarray, ece_bins: int) -> dict[str, float]:
+    pred = proba.argmax(1)
+    return {
+        "accuracy": skm.accuracy_score(y, pred),
+        "balanced_accuracy": skm.balanced_accuracy_score(y, pred),
+        "f1_macro": skm.f1_score(y, pred, average="macro"),
+        "roc_auc": skm.roc_auc_score(y, proba, multi_class="ovr", average="macro"),
+        "ece": ece_by_hand(y, proba, ece_bins),
+    }
+
+
+def numeric_leaves(tree) -> list[float]:
+    if isinstance(tree, dict):
+        return [v for value in tree.values() for v in numeric_leaves(value)]
+    if isinstance(tree, list):
+        return [v for value in tree for v in numeric_leaves(value)]
+    return [tree] if isinstance(tree, int | float) and not isinstance(tree, bool) else []
+
+
+def all_keys(tree) -> list[str]:
+    if isinstance(tree, dict):
+        return [k for key, value in tree.items() for k in (key, *all_keys(value))]
+    return []
+
+
+def test_headline_is_few_numbers_and_no_timings(evaluated):
+    root, headline = evaluated
+    saved = json.loads((root / "metrics/evaluate.json").read_text())
+    assert saved == json.loads(json.dumps(headline))
+    assert set(saved) == {"classifiers", "segmenters", "champion"}
+    assert sorted(saved["classifiers"]) == ["cnn_a", "cnn_b", "knn", "random_forest"]
+    assert sorted(saved["segmenters"]) == ["pixel_classifier", "unet"]
+    for model in saved["classifiers"].values():
+        assert set(model) == set(HEADLINE_CLASSIFIER_METRICS)
+    for model in saved["segmenters"].values():
+        assert set(model) == {"dice", "iou", "hd95"}
+    n_classifiers, n_segmenters = len(saved["classifiers"]), len(saved["segmenters"])
+    assert len(numeric_leaves(saved)) <= 5 * n_classifiers + 3 * n_segmenters + 2
+    assert not [k for k in all_keys(saved) if any(t in k.lower() for t in TIMING)]
+
+
+def test_every_headline_classifier_metric_is_recomputed_by_sklearn_from_the_predictions(evaluated):
+    root, _ = evaluated
+    saved = json.loads((root / "metrics/evaluate.json").read_text())
+    test = ImageSet.load(root / "test.npz")
+    bins = EvaluateConfig.model_validate(PARAMS["evaluate"]).ece_bins
+    for name, metrics in saved["classifiers"].items():
+        names, by_seed = classifier_rows(root / f"reports/predictions/{name}.csv")
+        assert names == test.class_names
+        expected_seeds = SEEDS if name.startswith("cnn") else [PARAMS["seed"]]
+        assert sorted(by_seed) == expected_seeds
+        per_seed = []
+        for y, proba in by_seed.values():
+            np.testing.assert_array_equal(y, test.labels)
+            per_seed.append(sklearn_metrics(y, proba, bins))
+        for metric in HEADLINE_CLASSIFIER_METRICS:
+            mean = float(np.mean([m[metric] for m in per_seed]))
+            assert metrics[metric] == pytest.approx(mean, abs=1e-4), (name, metric)
+
+
+def test_every_headline_segmenter_metric_is_recomputed_from_the_predictions_and_the_masks(evaluated):
+    from medpipe.predictors import load_any
+    from medpipe.segmentation.config import SegmentConfig
+
+    root, _ = evaluated
+    saved = json.loads((root / "metrics/evaluate.json").read_text())
+    test = ImageSet.load(root / "test.npz")
+    lesion = np.flatnonzero(test.masks.reshape(len(test), -1).any(1))
+    for name, metrics in saved["segmenters"].items():
+        rows = read_csv(root / f"reports/predictions/{name}.csv")
+        seeds = sorted({int(r["seed"]) for r in rows})
+        assert seeds == (SEEDS if name == "unet" else [PARAMS["seed"]])
+        assert sorted({int(r["image"]) for r in rows}) == lesion.tolist()  # lesion images only
+        for metric in ("dice", "iou", "hd95"):
+            means = []
+            for seed in seeds:
+                values = np.array([float(r[metric]) if r[metric] else np.nan for r in rows if int(r["seed"]) == seed])
+                means.append(np.nanmean(values) if np.isfinite(values).any() else np.nan)
+            expected = float(np.mean(means))
+            if math.isnan(expected):
+                assert metrics[metric] is None
+            else:
+                assert metrics[metric] == pytest.approx(expected, abs=1e-4), (name, metric)
+    # the pixel classifier's per-image Dice, by hand from its masks
+    cleanup = SegmentConfig.model_validate(PARAMS.get("segment", {})).cleanup
+    predicted = load_any(root / "models/pixel_classifier/model.joblib").predict_masks(test.images, cleanup).astype(bool)
+    truth = test.masks.astype(bool)
+    dice = [2 * (truth[i] & predicted[i]).sum() / (truth[i].sum() + predicted[i].sum()) for i in lesion]
+    rows = read_csv(root / "reports/predictions/pixel_classifier.csv")
+    np.testing.assert_allclose([float(r["dice"]) for r in rows], dice, atol=1e-12)
+
+
+def test_champion_is_the_best_mean_validation_score_not_the_best_seed(evaluated):
+    from medpipe import predict
+
+    root, headline = evaluated
+    record = json.loads((root / "reports/evaluate/champion.json").read_text())
+    assert record["model"] == "cnn_b"  # mean 0.71 beats cnn_a's 0.65 although cnn_a seed 1 scored 0.95
+    assert record["seed"] == 2 and Path(record["file"]) == root / "models/cnn_b/seed2/model.pt"
+    assert record["validation_score"] == pytest.approx(0.71)
+    assert record["selected_by"] == "mean validation balanced_accuracy" and record["alias_set"] is False
+    assert headline["champion"] == {"model": "cnn_b", "validation_balanced_accuracy": pytest.approx(0.71)}
+    # medpipe-predict serves the champion the evaluate stage recorded
+    champion = predict.resolve_model(None, root / "models", root / "reports/evaluate/champion.json", PARAMS)
+    assert champion == root / "models/cnn_b/seed2/model.pt"
+
+
+def test_champion_choice_uses_validation_metrics(tmp_path):
+    for name, seed, score in (("a", 1, 0.7), ("b", 1, 0.8), ("c", 1, None)):
+        folder = tmp_path / name / f"seed{seed}"
+        folder.mkdir(parents=True)
+        (folder / "model.pt").write_bytes(b"x")
+        validation = {} if score is None else {"f1_macro": score}
+        (folder / "validation.json").write_text(json.dumps({"status": "ok", "validation": validation}))
+    (tmp_path / "classical").mkdir()
+    (tmp_path / "classical/knn.joblib").write_bytes(b"x")
+    (tmp_path / "classical/validation.json").write_text(json.dumps({"knn": {"f1_macro": 0.75}}))
+    files = [ModelFile(n, 1, tmp_path / n / "seed1/model.pt", "classification") for n in ("a", "b", "c")]
+    files.append(ModelFile("knn", None, tmp_path / "classical/knn.joblib", "classification"))
+    name, score, best = choose_champion(files, "f1_macro")
+    assert (name, score, best.path) == ("b", 0.8, tmp_path / "b/seed1/model.pt")
+    assert choose_champion(files[2:3], "f1_macro") is None  # no validation score: no champion
+    assert choose_champion(files, "accuracy") is None
+    # a tie goes to the first name in sorted order
+    assert choose_champion([files[1], ModelFile("a2", 1, files[1].path, "classification")], "f1_macro")[0] == "a2"
+    assert EvaluateConfig().champion_metric == "balanced_accuracy"
+
+
+def summary_rows(summary: str) -> dict[str, list[str]]:
+    """{model: cells} of the classifier headline table of metrics/summary.md, the header under ''."""
+    section = summary.split("## Classifiers", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        if line.startswith("| model"):
+            rows[""] = [c.strip() for c in line.strip("|").split("|")]
+        elif line.startswith("| `"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[cells[0].strip("`")] = cells
+    return rows
+
+
+def test_summary_shows_mean_and_std_over_seeds_and_the_verdict_against_the_champion(evaluated):
+    root, _ = evaluated
+    summary = (root / "metrics/summary.md").read_text()
+    rows = summary_rows(summary)
+    assert rows[""] == ["model", "seeds", *HEADLINE_CLASSIFIER_METRICS, "vs champion"]
+    assert "**Champion**" in summary and "`cnn_b`" in summary
+    bins = EvaluateConfig.model_validate(PARAMS["evaluate"]).ece_bins
+    for name in ("cnn_a", "cnn_b"):
+        _, by_seed = classifier_rows(root / f"reports/predictions/{name}.csv")
+        per_seed = [sklearn_metrics(y, p, bins) for y, p in by_seed.values()]
+        assert rows[name][1] == "2"
+        for k, metric in enumerate(HEADLINE_CLASSIFIER_METRICS):
+            values = [m[metric] for m in per_seed]
+            mean_text, std_text = rows[name][2 + k].split(" ± ")
+            assert float(mean_text) == pytest.approx(np.mean(values), abs=1.5e-3), (name, metric)
+            assert float(std_text) == pytest.approx(np.std(values, ddof=1), abs=1.5e-3), (name, metric)
+    for name in ("knn", "random_forest"):  # one seed: no std
+        assert rows[name][1] == "1" and not any("±" in cell for cell in rows[name])
+    # the verdicts are the paired bootstrap on the saved predictions
+    cfg = EvaluateConfig.model_validate(PARAMS["evaluate"])
+    predictions = {n: compare.load_predictions(root / f"reports/predictions/{n}.csv")
+                   for n in ("cnn_a", "cnn_b", "knn", "random_forest")}
+    verdicts = compare.ties_with("cnn_b", predictions, cfg.champion_metric, cfg.bootstrap_resamples,
+                                 cfg.bootstrap_seed, cfg.confidence)
+    assert rows["cnn_b"][-1] == "champion"
+    for name, verdict in verdicts.items():
+        assert rows[name][-1] == verdict and verdict in (compare.BETTER, compare.WORSE, compare.WITHIN_NOISE)
+
+
+def test_details_plots_figures_and_gradcam(evaluated):
+    root, _ = evaluated
+    details = json.loads((root / "reports/evaluate/details.json").read_text())
+    test = ImageSet.load(root / "test.npz")
+    assert sorted(details["cnn_a"]["seeds"]) == ["1", "2"] and list(details["knn"]["seeds"]) == ["-"]
+    for name in ("cnn_a", "knn"):
+        for result in details[name]["seeds"].values():
+            assert result["accuracy_ci_low"] <= result["accuracy"] <= result["accuracy_ci_high"]
+            assert "temperature" in result and "ece_ts" in result
+            assert ("tta" in result) == name.startswith("cnn")
+    assert details["unet"]["test_images"]["lesion_images"] + details["unet"]["test_images"]["empty_images"] == len(test)
+    classifiers = {"cnn_a.csv", "cnn_b.csv", "knn.csv", "random_forest.csv"}
     for kind in ("confusion", "roc", "pr", "calibration"):
-        assert {p.name for p in (workspace / "plots/evaluate" / kind).iterdir()} == {"logreg.csv", "tiny.csv"}
-    confusion = (workspace / "plots/evaluate/confusion/logreg.csv").read_text().splitlines()
+        assert {p.name for p in (root / "plots/evaluate" / kind).iterdir()} == classifiers
+    confusion = (root / "plots/evaluate/confusion/knn.csv").read_text().splitlines()
     assert confusion[0] == "actual,predicted" and len(confusion) == len(test) + 1
-    assert (workspace / "plots/evaluate/figures/logreg.png").stat().st_size > 1000
-    assert [p.name for p in (workspace / "plots/evaluate/gradcam").iterdir()] == ["tiny.png"]
-    record = json.loads((workspace / "models/evaluate/champion.json").read_text())
-    assert record["model"] == "logreg" and record["alias_set"] is True
-    from mlflow import MlflowClient
-
-    assert str(MlflowClient().get_model_version_by_alias("medpipe-toy-logreg", "champion").version) == "1"
-    summary = (workspace / "out/summary.md").read_text()
-    assert "`tiny_tta`" in summary and "Champion" in summary and "temperature" in summary
+    figures = {p.name for p in (root / "reports/evaluate/figures").iterdir()}
+    assert figures == {"cnn_a.png", "cnn_b.png", "knn.png", "random_forest.png", "unet.png", "pixel_classifier.png"}
+    assert (root / "reports/evaluate/figures/knn.png").stat().st_size > 1000
+    assert sorted(p.name for p in (root / "reports/evaluate/gradcam").iterdir()) == ["cnn_a.png", "cnn_b.png"]
+    summary = (root / "metrics/summary.md").read_text()
+    assert "`cnn_a` + TTA" in summary and "temperature" in summary and "## Segmenters" in summary
 
 
-def test_stage_skips_a_missing_stage_but_fails_without_models(workspace, caplog):
-    for f in (workspace / "models/train_cnn").iterdir():
-        f.unlink()
-    run_stage(workspace, temperature_scaling=False, tta={"enabled": False})
-    assert "train_cnn" in caplog.text and "train_resnet" in caplog.text
-    assert set(json.loads((workspace / "out/evaluate.json").read_text())) == {"logreg"}
-    for f in (workspace / "models/train_classical").iterdir():
-        f.unlink()
-    with pytest.raises(pipeline.NoModelError, match="no trained model"):
-        run_stage(workspace)
+def test_rerun_gives_byte_identical_headline_and_predictions(evaluated, monkeypatch):
+    root, _ = evaluated
+    outputs = [root / "metrics/evaluate.json", *sorted((root / "reports/predictions").iterdir())]
+    assert len(outputs) == 1 + 6
+    before = {p: p.read_bytes() for p in outputs}
+    monkeypatch.setenv("MEDPIPE_TRACKING", "off")
+    run(PARAMS, paths(root))
+    assert sorted((root / "reports/predictions").iterdir()) == outputs[1:]
+    for path, data in before.items():
+        assert path.read_bytes() == data, path
+
+
+def test_selected_models_only_and_a_missing_seed_is_skipped_with_a_reason(workspace, caplog):
+    (workspace / "models/cnn_a/seed2/validation.json").write_text(json.dumps({"status": "skipped: test reason"}))
+    (workspace / "models/cnn_a/seed2/model.pt").unlink()
+    shutil.rmtree(workspace / "models/pixel_classifier")
+    p = params(classifiers=["cnn_a", "never_trained"], segmenters=[],
+               evaluate={"tta": {"enabled": False}, "gradcam": False, "temperature_scaling": False, "grid_images": 0})
+    with caplog.at_level(logging.WARNING):
+        headline = run(p, paths(workspace))
+    assert "cnn_a seed 2: no model (skipped: test reason)" in caplog.text
+    assert "never_trained seed 1: no model (not trained" in caplog.text
+    assert sorted(headline["classifiers"]) == ["cnn_a", "knn", "random_forest"]  # cnn_b not selected
+    assert headline["segmenters"] == {}
+    rows = read_csv(workspace / "reports/predictions/cnn_a.csv")
+    assert {r["seed"] for r in rows} == {"1"}
+
+
+def test_no_model_at_all_fails(workspace):
+    shutil.rmtree(workspace / "models")
+    (workspace / "models/stale_model/seed1").mkdir(parents=True)  # a folder params.yaml no longer selects
+    shutil.copy(workspace / "test.npz", workspace / "models/stale_model/seed1/model.pt")
+    with pytest.raises(NoModelError, match="no trained model"):
+        run(params(classifiers=["cnn_a"], segmenters=[]), paths(workspace))
+    assert not (workspace / "metrics/evaluate.json").exists()
+
+
+@pytest.mark.parametrize("kind", ["classical", "deep"])
+def test_a_model_trained_on_other_classes_is_refused_naming_its_file(workspace, kind):
+    if kind == "classical":
+        other = make_set(size=16, seed=3, class_names=("cyst", "tumour", "healthy"))
+        bad = workspace / "models/classical/other.joblib"
+        joblib.dump(flat_classifier(other), bad)
+        p = params(classifiers=[], segmenters=[])
+    else:
+        bad = workspace / "models/cnn_a/seed1/model.pt"
+        state = torch.load(bad, map_location="cpu", weights_only=True)
+        state["extra"]["class_names"] = ["cyst", "tumour", "healthy"]
+        torch.save(state, bad)
+        p = params(classifiers=["cnn_a"], segmenters=[])
+    with pytest.raises(ClassMismatchError, match=re.escape(str(bad))):
+        run(p, paths(workspace))
+    assert not (workspace / "metrics/evaluate.json").exists()
+    written = {str(p.relative_to(workspace)) for p in workspace.rglob("*") if p.parts[-1] != "models"
+               and p.relative_to(workspace).parts[0] in ("reports", "plots", "metrics")}
+    assert written <= {"reports", "plots", "metrics"}  # nothing half-written, no temporary folder left
 
 
 def test_bad_params_fail_before_work(workspace):
     from medpipe.config import ParamsError
 
     with pytest.raises(ParamsError, match="evaluate.bootstrap_resampels"):
-        run_stage(workspace, bootstrap_resampels=10)
+        run(params(evaluate={"bootstrap_resampels": 10}), paths(workspace))
     with pytest.raises(ParamsError, match="evaluate.champion_metric"):
-        run_stage(workspace, champion_metric="loss")
+        run(params(evaluate={"champion_metric": "loss"}), paths(workspace))
+    assert not (workspace / "reports").exists()
 
 
-def test_champion_choice_uses_validation_metrics(tmp_path):
-    (tmp_path / "models/train_cnn").mkdir(parents=True)
-    for name in ("a", "b", "c"):
-        (tmp_path / f"models/train_cnn/{name}.pt").write_bytes(b"x")
-    (tmp_path / "metrics").mkdir()
-    (tmp_path / "metrics/train_cnn.json").write_text(json.dumps({"a": {"f1_macro": 0.7}, "b": {"f1_macro": 0.8}}))
-    models = discover(tmp_path / "models")
-    scores = champion.validation_scores(models, tmp_path / "metrics", "f1_macro")
-    assert scores == {"a": 0.7, "b": 0.8} and champion.choose(scores) == "b"
-    assert champion.choose({}) is None
-    assert EvaluateConfig().champion_metric == "balanced_accuracy"
+def classical_only(**evaluate) -> dict:
+    return params(classifiers=[], segmenters=[], evaluate={"tta": {"enabled": False}, "gradcam": False,
+                                                          "grid_images": 0, **evaluate})
+
+
+def test_headline_ece_uses_the_configured_bins(workspace):
+    """evaluate.ece_bins must reach the headline ECE (and the seed means), not only the per-seed details."""
+    shutil.rmtree(workspace / "models/pixel_classifier")
+    p = classical_only(ece_bins=4, temperature_scaling=False)
+    p["classifiers"] = ["cnn_a"]
+    headline = run(p, paths(workspace))
+    details = json.loads((workspace / "reports/evaluate/details.json").read_text())
+    differs = False
+    for name in ("cnn_a", "knn", "random_forest"):
+        _, by_seed = classifier_rows(workspace / f"reports/predictions/{name}.csv")
+        per_seed = {seed: ece_by_hand(y, proba, 4) for seed, (y, proba) in by_seed.items()}
+        differs |= any(abs(ece - ece_by_hand(*by_seed[seed], 15)) > 1e-3 for seed, ece in per_seed.items())
+        for seed, ece in per_seed.items():
+            key = str(seed) if name == "cnn_a" else "-"
+            assert details[name]["seeds"][key]["ece"] == pytest.approx(ece, abs=1e-4)
+        expected = float(np.mean(list(per_seed.values())))
+        assert details[name]["mean"]["ece"] == pytest.approx(expected, abs=1e-4), name
+        assert headline["classifiers"][name]["ece"] == pytest.approx(expected, abs=1e-4), name
+    assert differs  # the test data tells 4 bins from the default 15
+
+
+def test_evaluate_without_bootstrap_resamples(workspace):
+    """bootstrap_resamples: 0 is allowed ('no confidence intervals') and must not crash the stage."""
+    shutil.rmtree(workspace / "models/pixel_classifier")
+    headline = run(classical_only(bootstrap_resamples=0), paths(workspace))
+    assert sorted(headline["classifiers"]) == ["knn", "random_forest"]
+    details = json.loads((workspace / "reports/evaluate/details.json").read_text())
+    assert not [k for k in details["knn"]["seeds"]["-"] if k.endswith("_ci_low")]
+
+
+def test_champion_alias_is_set_in_mlflow(tmp_path, monkeypatch):
+    """Classical models trained with MLflow on: the champion's registered version gets the alias."""
+    from mlflow import MlflowClient
+
+    from medpipe.classical.stage import ClassicalPaths
+    from medpipe.classical.stage import run as run_classical
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.delenv("MEDPIPE_TRACKING", raising=False)
+    for split, seed in (("train", 0), ("val", 1), ("test", 2)):
+        make_set(seed=seed).save(tmp_path / f"{split}.npz")
+    p = classical_only(bootstrap_resamples=20, temperature_scaling=False)
+    p["classical"]["models"] = ["knn"]
+    run_classical(p, ClassicalPaths(tmp_path / "train.npz", tmp_path / "val.npz", tmp_path / "models/classical"))
+    run(p, paths(tmp_path))
+    record = json.loads((tmp_path / "reports/evaluate/champion.json").read_text())
+    assert record["model"] == "knn" and record["alias_set"] is True
+    assert record["registered_model"] == "medpipe-toy-knn" and record["champion_uri"] == "models:/medpipe-toy-knn@champion"
+    assert str(MlflowClient().get_model_version_by_alias("medpipe-toy-knn", "champion").version) == "1"
+    assert "MLflow `models:/medpipe-toy-knn@champion`" in (tmp_path / "metrics/summary.md").read_text()
 
 
 def test_gradcam_overlay_accepts_maps_at_the_model_input_size(tmp_path):

@@ -1,10 +1,15 @@
+import functools
 import io
+import struct
+import time
+import warnings
+import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from medpipe import imaging
+from medpipe.data import imaging
 from tests.conftest import png_bytes
 
 
@@ -12,6 +17,24 @@ def encode(img: Image.Image, fmt: str = "PNG") -> bytes:
     buffer = io.BytesIO()
     img.save(buffer, format=fmt)
     return buffer.getvalue()
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+@functools.cache
+def bomb_png(side: int = 30000) -> bytes:
+    """A valid black 1-bit PNG of side x side px: ~110 KB on disk, 900 M px (2.7 GB as RGB) decoded.
+
+    Written chunk by chunk (0.3 s) rather than with PIL (3 s and the 110 MB bitmap in memory).
+    """
+    row = b"\x00" * (1 + (side + 7) // 8)  # filter byte "none", then the packed bits
+    deflate = zlib.compressobj(9)
+    pixels = b"".join(deflate.compress(row) for _ in range(side)) + deflate.flush()
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # bit depth 1, greyscale
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", pixels)
+            + _png_chunk(b"IEND", b""))
 
 
 @pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "I;16", "I"])
@@ -55,6 +78,40 @@ def test_truncated_image_raises():
     data = encode(Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)), "JPEG")
     with pytest.raises(imaging.ImageDecodeError, match="corrupt or truncated"):
         imaging.decode_image(data[: len(data) // 2])
+
+
+def test_decompression_bomb_is_refused_from_its_header_without_decoding():
+    bomb = bomb_png()
+    assert len(bomb) < 200_000
+    with imaging.pil_pixel_limit(None), Image.open(io.BytesIO(bomb)) as img:
+        img.verify()  # a well-formed PNG (chunk CRCs checked), not just a header
+        assert img.size == (30000, 30000) and img.mode == "1"
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    start = time.perf_counter()
+    reason = r"^too_large: 30000x30000 = 900000000 px > preprocess\.max_pixels \(89478485\)$"
+    with pytest.raises(imaging.ImageTooLargeError, match=reason):
+        imaging.decode_image(bomb, max_pixels=89_478_485)
+    assert time.perf_counter() - start < 1.0  # decoding it would take seconds and 2.7 GB
+    assert Image.MAX_IMAGE_PIXELS == pil_limit  # the guard lifted to read the header is restored
+
+
+def test_image_over_max_pixels_is_refused_quietly_and_the_limit_defaults_to_pils():
+    data = encode(Image.new("L", (64, 48)))
+    assert imaging.decode_image(data, max_pixels=64 * 48).shape == (48, 64, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PIL's DecompressionBombWarning would fail the test
+        with imaging.pil_pixel_limit(3000), pytest.raises(
+            imaging.ImageTooLargeError, match=r"too_large: 64x48 = 3072 px > preprocess\.max_pixels \(3000\)"
+        ):
+            imaging.decode_image(data)
+
+
+def test_pil_pixel_limit_is_restored_after_the_block():
+    before = Image.MAX_IMAGE_PIXELS
+    with pytest.raises(RuntimeError), imaging.pil_pixel_limit(123):
+        assert Image.MAX_IMAGE_PIXELS == 123
+        raise RuntimeError
+    assert Image.MAX_IMAGE_PIXELS == before
 
 
 def test_pixel_hash_ignores_file_format_but_not_pixels():

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
+from test_evaluation import flat_classifier
 
 from medpipe import predict
-from medpipe.preprocess import read_dataset
-from medpipe.registry import get_spec
-from test_evaluation import flat_classifier
+from medpipe.data.preprocess import read_dataset
+from medpipe.data.registry import get_spec
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 16
@@ -91,12 +91,47 @@ def test_request_body_for_mlflow_serving(dataset):
 
 
 def test_champion_and_errors(dataset, tmp_path):
+    params = {"seed": 1, "seeds": [1, 2]}
     champion = tmp_path / "champion.json"
     with pytest.raises(FileNotFoundError, match="dvc repro evaluate"):
-        predict.resolve_model(None, tmp_path / "models", champion)
-    champion.write_text(json.dumps({"model": "m", "path": str(dataset["model"])}))
-    assert predict.resolve_model(None, tmp_path / "models", champion) == dataset["model"]
-    with pytest.raises(predict.PredictError, match="unknown model 'nope'"):
-        predict.resolve_model("nope", tmp_path / "models", champion)
+        predict.resolve_model(None, tmp_path / "models", champion, params)
+    # what the evaluate stage writes: reports/evaluate/champion.json, the model file under "file"
+    champion.write_text(json.dumps({"model": "m", "seed": None, "file": str(dataset["model"])}))
+    assert predict.resolve_model(None, tmp_path / "models", champion, params) == dataset["model"]
+    champion.write_text(json.dumps({}))  # no model had validation metrics
+    with pytest.raises(predict.PredictError, match="names no champion"):
+        predict.resolve_model(None, tmp_path / "models", champion, params)
+    with pytest.raises(predict.PredictError, match="no trained model 'nope'"):
+        predict.resolve_model("nope", tmp_path / "models", champion, params)
     with pytest.raises(predict.PredictError, match="no image files"):
         predict.collect_files([tmp_path / "raw"], predict.Preprocessing("none", SIZE))
+
+
+def test_a_model_name_resolves_to_its_best_seed_or_its_classical_file(tmp_path):
+    models = tmp_path / "models"
+    for seed, score in ((1, 0.6), (2, 0.8), (3, 0.9)):
+        folder = models / "cnn" / f"seed{seed}"
+        folder.mkdir(parents=True)
+        (folder / "model.pt").write_bytes(b"x")
+        (folder / "validation.json").write_text(json.dumps({"status": "ok", "validation": {"balanced_accuracy": score}}))
+    (models / "classical").mkdir()
+    (models / "classical/knn.joblib").write_bytes(b"x")
+    champion = tmp_path / "champion.json"
+    # seed 3 scores best but params.yaml does not select it
+    assert predict.resolve_model("cnn", models, champion, {"seeds": [1, 2]}) == models / "cnn/seed2/model.pt"
+    assert predict.resolve_model("cnn", models, champion, {"seeds": [1, 2, 3]}) == models / "cnn/seed3/model.pt"
+    assert predict.resolve_model("knn", models, champion, {"seeds": [1]}) == models / "classical/knn.joblib"
+    assert predict.resolve_model("x/any.pt", models, champion, {}) == Path("x/any.pt")
+    with pytest.raises(predict.PredictError, match="no trained model 'cnn'"):
+        predict.resolve_model("cnn", models, champion, {"seeds": [4]})
+
+
+def test_predict_with_the_champion_record(dataset, tmp_path):
+    champion = tmp_path / "champion.json"
+    champion.write_text(json.dumps({"model": "flat", "file": str(dataset["model"])}))
+    out = io.StringIO()
+    proba = predict.run([str(dataset["folder"] / "benign"), "--params", str(dataset["params"]),
+                         "--champion", str(champion), "--models-dir", str(tmp_path / "models")], out=out)
+    lines = out.getvalue().splitlines()
+    assert lines[0].split("\t") == ["file", "predicted", "benign", "malignant", "normal"] and len(lines) == 5
+    np.testing.assert_allclose(proba.sum(1), 1.0)

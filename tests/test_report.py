@@ -1,52 +1,120 @@
-"""medpipe-report: a Markdown PR report from real `dvc params/metrics diff` in a throwaway repository."""
+"""medpipe-report: paired verdicts against a base revision in a throwaway git + DVC repository."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 
 from medpipe import report
+from medpipe.evaluation import compare as cmp
+from tests.test_compare import classifier, labelled_images, right_on, segmenter
+
+FAST = report.Settings(resamples=300)
 
 
 def git(cwd, *args):
     subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True)
 
 
-@pytest.mark.skipif(shutil.which("dvc") is None, reason="needs the dvc command")
-def test_report_shows_params_metrics_and_plots_changed(tmp_path, monkeypatch):
+def write_predictions(directory, **models: cmp.Predictions) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, predictions in models.items():
+        (directory / f"{name}.csv").write_text(cmp.to_csv(predictions))
+
+
+def unet(n_images: int, shift: float = 0.0) -> cmp.Predictions:
+    dice = np.linspace(0.4, 0.9, n_images)[None] + shift
+    return segmenter(dice, np.full((1, n_images), 8.0))
+
+
+@pytest.fixture
+def repo(tmp_path, monkeypatch):
+    """A git + DVC repository whose `main` tracks reports/predictions with `dvc add`."""
     monkeypatch.chdir(tmp_path)
     git(tmp_path, "init", "-q", "-b", "main")
     git(tmp_path, "config", "user.email", "t@example.com")
     git(tmp_path, "config", "user.name", "t")
     subprocess.run(["dvc", "init", "-q"], check=True)
-    (tmp_path / "dvc.yaml").write_text(
-        "stages:\n  evaluate:\n    cmd: 'true'\n    params: [evaluate]\n"
-        "    metrics: [{metrics/evaluate.json: {cache: false}}]\n"
-        "    plots: [{plots/evaluate/roc: {cache: false, x: fpr, y: tpr}}]\n"
-    )
+    (tmp_path / "dvc.yaml").write_text("stages:\n  evaluate:\n    cmd: 'true'\n    params: [evaluate]\n")
     (tmp_path / "params.yaml").write_text("evaluate:\n  lr: 0.001\n")
-    (tmp_path / "metrics").mkdir()
-    (tmp_path / "plots/evaluate/roc").mkdir(parents=True)
-    (tmp_path / "metrics/evaluate.json").write_text(json.dumps({"cnn": {"accuracy": 0.8}, "svm": {"accuracy": 0.7}}))
-    (tmp_path / "plots/evaluate/roc/cnn.csv").write_text("fpr,tpr\n0,0\n1,1\n")
-    git(tmp_path, "add", "-A")
-    git(tmp_path, "commit", "-qm", "base")
-    (tmp_path / "params.yaml").write_text("evaluate:\n  lr: 0.0001\n")
-    (tmp_path / "metrics/evaluate.json").write_text(json.dumps({"cnn": {"accuracy": 0.85}, "svm": {"accuracy": 0.7}}))
-    (tmp_path / "plots/evaluate/roc/cnn.csv").write_text("fpr,tpr\n0,0\n0.1,0.9\n1,1\n")
-    (tmp_path / "metrics/summary.md").write_text("# Test-split evaluation\n\n| model | accuracy |\n")
+    return tmp_path
 
-    text = report.build_report("main", plots_out=tmp_path / "html")
+
+def commit_base(repo, predictions) -> None:
+    subprocess.run(["dvc", "add", "-q", str(predictions.relative_to(repo))], check=True)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "base")
+
+
+def table_rows(text: str, model: str) -> dict[str, list[str]]:
+    """{metric: cells} of ``model``'s rows in the verdict table."""
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
+            if line.startswith(f"| {model} |")]
+    return {cells[1]: cells for cells in rows}
+
+
+@pytest.mark.skipif(shutil.which("dvc") is None, reason="needs the dvc command")
+def test_report_gives_paired_verdicts_against_the_base_revision(repo):
+    labels = labelled_images()
+    predictions = repo / "reports/predictions"
+    write_predictions(predictions, cnn=classifier(labels, right_on(140)),
+                      adaboost=classifier(labels, right_on(150)), old=classifier(labels, right_on(100)),
+                      unet=unet(20))
+    commit_base(repo, predictions)
+    (repo / "params.yaml").write_text("evaluate:\n  lr: 0.0001\n")
+    (predictions / "old.csv").unlink()
+    write_predictions(predictions, cnn=classifier(labels, right_on(170)),
+                      new=classifier(labels, right_on(90)),
+                      unet=unet(21, shift=0.05))  # one more test image: the split changed
+
+    text = report.build_report("main", settings=FAST)
+
     assert "vs `main`" in text
-    assert "evaluate.lr" in text and "0.0001" in text  # dvc params diff --md
-    assert "cnn.accuracy" in text and "0.85" in text and "0.05" in text  # dvc metrics diff --md, with the change
-    assert "svm.accuracy" not in text  # unchanged metrics stay out
-    assert "`plots/evaluate/roc/cnn.csv`" in text
-    assert "## Test-split evaluation" in text  # the workspace summary, nested one level down
-    assert (tmp_path / "html/index.html").is_file()
+    assert "evaluate.lr" in text and "0.0001" in text  # dvc params diff --md, at the top
+    assert text.index("## Parameters changed") < text.index("## Model verdicts")
+    cnn, adaboost = table_rows(text, "cnn"), table_rows(text, "adaboost")
+    assert set(cnn) == {"accuracy", "balanced_accuracy", "f1_macro", "roc_auc", "ece ↓"}
+    assert cnn["accuracy"][2:5] == ["0.7000", "0.8500", "+0.1500"]
+    assert cnn["accuracy"][6].startswith("**better** (McNemar p = ")
+    assert all(cells[4] == "+0.0000" and cells[6].startswith("within noise") for cells in adaboost.values())
+    assert adaboost["accuracy"][5] == "[+0.0000, +0.0000]"
+    assert text.index("| cnn |") < text.index("| adaboost |")  # a decided verdict comes first
+    assert "**Test split changed** for `unet`" in text
+    assert table_rows(text, "unet")["dice"][5:] == ["—", "n/a (test split changed)"]
+    assert "Added: `new`." in text and "Removed: `old`." in text
+    assert "time" not in text.lower()
+
+
+@pytest.mark.skipif(shutil.which("dvc") is None, reason="needs the dvc command")
+def test_report_without_prediction_files_says_so(repo):
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "base")
+    text = report.build_report("main", settings=FAST)
+    assert "No prediction files in `reports/predictions/`" in text
+    assert "No parameter changed." in text
+    assert "No plot data changed." in text
+
+
+def test_base_file_falls_back_to_git_show_when_dvc_cannot_serve_it(monkeypatch):
+    import dvc.api
+    from dvc.exceptions import DvcException
+
+    def refuse(*args, **kwargs):
+        raise DvcException("no cache")
+
+    calls = []
+
+    def runner(cmd):
+        calls.append(list(cmd))
+        return report.Result(0, "seed,image,source,dice,iou,hd95\n", "")
+
+    monkeypatch.setattr(dvc.api, "open", refuse)
+    path = report.PurePosixPath("reports/predictions/unet.csv")
+    assert report.read_at_revision(path, "v1", runner) == "seed,image,source,dice,iou,hd95\n"
+    assert calls == [["git", "show", "v1:reports/predictions/unet.csv"]]
 
 
 def test_unknown_base_revision_is_a_clear_error(tmp_path, monkeypatch):

@@ -1,4 +1,5 @@
-"""Segmentation: metrics on hand-made masks, the loss, joint augmentation, pixel features, the U-Net, the stage."""
+"""Segmentation: metrics on hand-made masks, the loss, joint augmentation, pixel features, the U-Net, its run of
+the ``train`` stage, mask clean-up, and the ``train_pixel_classifier`` stage."""
 
 from __future__ import annotations
 
@@ -9,13 +10,16 @@ import pytest
 import torch
 
 from medpipe.config import ParamsError, load_section
-from medpipe.imageset import ImageSet
+from medpipe.data.imageset import ImageSet
 from medpipe.segmentation import metrics as M
-from medpipe.segmentation.config import SegmentConfig, UNetConfig
+from medpipe.segmentation.config import CleanupConfig, SegmentConfig, UNetSpec
 from medpipe.segmentation.losses import DiceBCELoss, soft_dice_loss
 from medpipe.segmentation.pixel_classifier import PixelSegmenter, pixel_features, sample_pixels
-from medpipe.segmentation.postprocess import postprocess
+from medpipe.segmentation.postprocess import postprocess, to_masks
+from medpipe.segmentation.train import batch_dice, mean_dice
 from medpipe.segmentation.unet import build_unet
+from medpipe.training.config import TrainConfig
+from medpipe.training.stage import TrainPaths, model_spec
 
 
 def square(size=32, top=8, left=8, side=10):
@@ -125,8 +129,10 @@ def test_online_augmentation_keeps_masks_aligned_with_images():
     n = 8
     masks = np.stack([square(size=64, top=10 + 3 * i, left=20, side=16) for i in range(n)])
     images = np.repeat((masks * 255)[..., None], 3, axis=3).astype(np.uint8)
-    cfg = UNetConfig(augment={"hflip": True, "vflip": True, "rotate_degrees": 30, "scale": 0.2,
-                              "translate": 0.1, "brightness": 0.0, "contrast": 0.0})
+    # the U-Net augments as the shared train.augment says
+    cfg = UNetSpec().train_config(TrainConfig(augment={"hflip": True, "vflip": True, "rotate_degrees": 30,
+                                                       "scale": 0.2, "translate": 0.1, "brightness": 0.0,
+                                                       "contrast": 0.0}))
     batches = ArrayBatches(images, masks, batch_size=n, shuffle=True, augment=cfg.augment,
                            targets_are_masks=True, seed=3)
     x, y = next(iter(batches))
@@ -195,16 +201,85 @@ def test_efficientnet_encoder_loads_every_imagenet_weight():
     assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 1, 64, 64)
 
 
+
 def test_config_rejects_typos_and_bad_values():
-    with pytest.raises(ParamsError, match="segment.unet.depht"):
-        load_section({"segment": {"unet": {"depht": 3}}}, "segment", SegmentConfig)
-    with pytest.raises(ParamsError, match="divisible"):
-        load_section({"segment": {"unet": {"input_size": 100, "depth": 4}}}, "segment", SegmentConfig)
-    with pytest.raises(ParamsError, match="methods"):
+    unet = {"arch": "unet", "depth": 2, "input_size": 32}
+    with pytest.raises(ParamsError, match=r"models\.unet\.depht"):
+        model_spec({"models": {"unet": {**unet, "depht": 3}}}, "unet")
+    with pytest.raises(ParamsError, match=r"models\.unet\b.*divisible"):
+        model_spec({"models": {"unet": {**unet, "input_size": 100, "depth": 4}}}, "unet")
+    with pytest.raises(ParamsError, match=r"models\.unet\b.*dice_weight and bce_weight"):
+        model_spec({"models": {"unet": {**unet, "dice_weight": 0, "bce_weight": 0}}}, "unet")
+    with pytest.raises(ParamsError, match=r"models\.unet\.train\b.*batchsize"):
+        model_spec({"models": {"unet": {**unet, "train": {"batchsize": 4}}}}, "unet")
+    # the U-Net and the list of methods left `segment`; a stale key is an error, not silently ignored
+    with pytest.raises(ParamsError, match=r"segment\.unet"):
+        load_section({"segment": {"unet": {"depth": 3}}}, "segment", SegmentConfig)
+    with pytest.raises(ParamsError, match=r"segment\.methods"):
         load_section({"segment": {"methods": ["unet", "unet"]}}, "segment", SegmentConfig)
+    with pytest.raises(ParamsError, match=r"segment\.cleanup\.min_aera"):
+        load_section({"segment": {"cleanup": {"min_aera": 5}}}, "segment", SegmentConfig)
 
 
-# ---- the stage ------------------------------------------------------------------------------------
+def test_unet_trains_on_the_shared_recipe_but_always_keeps_the_best_dice():
+    """train.monitor is the classifiers' metric; the U-Net's best epoch is its best validation Dice, whatever
+    train.monitor or its own override says, and the class-imbalance knobs of classifiers do not apply."""
+    params = {"train": {"lr": 0.001, "epochs": 7, "monitor": "loss", "monitor_mode": "min",
+                        "class_weights": [1.0, 2.0], "sampler": "weighted"},
+              "models": {"unet": {"arch": "unet", "depth": 2, "input_size": 32, "lr_factor": 3.0,
+                                  "train": {"batch_size": 4, "monitor": "balanced_accuracy"}}}}
+    spec = model_spec(params, "unet")
+    assert isinstance(spec, UNetSpec)
+    cfg = spec.train_config(load_section(params, "train", TrainConfig))
+    assert (cfg.monitor, cfg.monitor_mode) == ("dice", "max")
+    assert (cfg.class_weights, cfg.sampler) == ("none", "none")
+    assert (cfg.epochs, cfg.batch_size, cfg.lr) == (7, 4, pytest.approx(0.003))
+
+
+# ---- predictions to masks ---------------------------------------------------------------------------
+
+def test_batch_dice_of_training_batches():
+    mask = torch.from_numpy(square(size=16, top=2, left=2, side=6)).float()[None, None]
+    good = (mask * 2 - 1) * 5
+    empty = torch.zeros_like(mask)
+    assert batch_dice(good, mask)["dice"] == pytest.approx(1.0)
+    assert batch_dice(-good, mask)["dice"] == pytest.approx(0.0)
+    assert batch_dice(torch.full_like(mask, -5.0), empty)["dice"] == pytest.approx(1.0)  # empty on empty
+    both = batch_dice(torch.cat([good, -good]), torch.cat([mask, mask]))["dice"]
+    assert both == pytest.approx(0.5)  # the mean over the batch
+
+
+def test_to_masks_thresholds_and_cleans_up_only_when_asked():
+    prob = np.zeros((2, 32, 32), np.float32)
+    prob[:, 4:20, 4:20] = 0.9
+    prob[:, 10, 10] = 0.2         # a hole
+    prob[:, 28:30, 28:30] = 0.8   # a speck
+    prob[:, 25, 0] = 0.5          # exactly at the threshold: lesion
+    cleanup = CleanupConfig(min_area=5, keep_components=1, fill_holes=True)
+    raw = to_masks(prob, 0.5, False, cleanup)
+    assert raw.dtype == np.uint8 and raw.shape == prob.shape and set(np.unique(raw)) == {0, 1}
+    assert raw[0, 10, 10] == 0 and raw[0, 28, 28] == 1 and raw[0, 25, 0] == 1
+    clean = to_masks(prob, 0.5, True, cleanup)
+    assert clean.dtype == np.uint8 and clean.shape == prob.shape
+    assert clean[1, 10, 10] == 1 and clean[1, 28, 28] == 0 and clean[1, 25, 0] == 0 and clean[1].sum() == 16 * 16
+
+
+@pytest.mark.parametrize("clean", [True, False])
+def test_unet_segmenter_cleans_its_masks_as_its_spec_says(clean):
+    from medpipe.segmentation.predictor import UNetSegmenter
+
+    spec = UNetSpec(depth=1, base_width=4, input_size=32, postprocess=clean)
+    segmenter = UNetSegmenter(build_unet(1, 4), spec, [0.5] * 3, [0.25] * 3, "fp32", False)
+    prob = np.zeros((1, 32, 32), np.float32)
+    prob[0, 4:20, 4:20] = 0.9
+    prob[0, 28:30, 28:30] = 0.9
+    segmenter.predict_proba = lambda images: prob
+    masks = segmenter.predict_masks(np.zeros((1, 32, 32, 3), np.uint8), CleanupConfig(min_area=5))
+    assert segmenter.postprocess is clean and masks.shape == (1, 32, 32)
+    assert masks[0, 28, 28] == (0 if clean else 1) and masks[0, 10, 10] == 1
+
+
+# ---- the train stage for the U-Net and the train_pixel_classifier stage ----------------------------
 
 def _imageset(n, rng, masks=True):
     m = np.stack([square(top=int(rng.integers(2, 16)), left=int(rng.integers(2, 16)), side=12) for _ in range(n)])
@@ -216,58 +291,137 @@ def _imageset(n, rng, masks=True):
                     phashes=np.zeros(n, np.uint64), source_splits=s, masks=m if masks else None)
 
 
-def _paths(tmp_path, rng, masks=True):
-    from medpipe.segmentation.stage import SegmentPaths
-
-    for split, n in (("train", 12), ("val", 5), ("test", 5)):
+def _splits(tmp_path, rng, masks=True):
+    for split, n in (("train", 12), ("val", 5)):
         _imageset(n, rng, masks).save(tmp_path / f"{split}.npz")
     (tmp_path / "norm.json").write_text(json.dumps({"mode": "mean_std", "mean": [0.3] * 3, "std": [0.25] * 3}))
-    return SegmentPaths(tmp_path / "train.npz", tmp_path / "val.npz", tmp_path / "test.npz", tmp_path / "norm.json",
-                        tmp_path / "models", tmp_path / "metrics" / "segment.json", tmp_path / "plots")
+    return tmp_path
+
+
+def _unet_paths(root, seed=0) -> TrainPaths:
+    return TrainPaths("unet", seed, root / "train.npz", root / "val.npz", root / "norm.json",
+                      root / "models" / "unet" / f"seed{seed}", root / "plots" / "unet" / f"seed{seed}")
+
+
+def _pixel_paths(root):
+    from medpipe.segmentation.stage import PixelClassifierPaths
+
+    return PixelClassifierPaths(root / "train.npz", root / "val.npz", root / "models" / "pixel_classifier")
 
 
 TINY = {
-    "seed": 0, "dataset": "toy",
-    "segment": {"bootstrap_samples": 100, "grid_images": 4,
-                "unet": {"depth": 2, "base_width": 4, "input_size": 32, "epochs": 2, "batch_size": 4},
-                "pixel_classifier": {"n_estimators": 5, "max_depth": 4, "sigma_max": 4.0, "pixels_per_image": 50}},
+    "seed": 0, "seeds": [0], "dataset": "toy",
+    "train": {"epochs": 2, "batch_size": 4, "precision": "fp32", "channels_last": False, "threads": 1,
+              "monitor": "balanced_accuracy"},
+    "models": {"unet": {"arch": "unet", "depth": 2, "base_width": 4, "input_size": 32, "train": {}}},
+    "segment": {"train_set": "train",
+                "pixel_classifier": {"model": "random_forest", "n_estimators": 5, "max_depth": 4, "sigma_max": 4.0,
+                                     "pixels_per_image": 50}},
 }
 
 
-def test_stage_skips_with_a_reason_on_a_dataset_without_masks(tmp_path):
-    from medpipe.segmentation.stage import run_segment
-
-    paths = _paths(tmp_path, np.random.default_rng(0), masks=False)
-    result = run_segment(TINY, paths)
-    written = json.loads(paths.metrics.read_text())
-    assert written == result and written["status"].startswith("skipped") and "no segmentation masks" in written["status"]
-    assert (paths.models / "SKIPPED.txt").is_file() and not list(paths.models.glob("*.pt"))
+@pytest.fixture(autouse=True)
+def no_mlflow(monkeypatch, tmp_path):
+    """No MLflow unless a test switches it on; this process's thread registration in a private folder."""
+    monkeypatch.setenv("MEDPIPE_TRACKING", "off")
+    monkeypatch.setenv("MEDPIPE_WORKERS_DIR", str(tmp_path / "workers"))
+    monkeypatch.delenv("MEDPIPE_THREADS", raising=False)
 
 
-def test_stage_trains_scores_and_registers_both_methods(tmp_path, monkeypatch):
+@pytest.mark.parametrize(("masks", "reason"), [(False, "no segmentation masks"), ("empty", "nothing to learn")])
+def test_both_stages_skip_with_a_reason_on_a_dataset_without_masks(tmp_path, masks, reason):
+    from medpipe.segmentation import stage as pixel_stage
+    from medpipe.training import stage
+
+    root = _splits(tmp_path, np.random.default_rng(0), masks=masks is not False)
+    if masks == "empty":  # masks exist, but no training image has a lesion
+        train = ImageSet.load(root / "train.npz")
+        ImageSet(**{**train.__dict__, "masks": np.zeros_like(train.masks)}).save(root / "train.npz")
+    for run, paths, model_file in ((stage.run, _unet_paths(root), "model.pt"),
+                                   (pixel_stage.run, _pixel_paths(root), "model.joblib")):
+        result = run(TINY, paths)
+        written = json.loads((paths.out / "validation.json").read_text())
+        assert written == result and written["status"].startswith("skipped") and reason in written["status"]
+        assert not (paths.out / model_file).exists()
+
+
+def test_unet_stage_trains_and_its_model_scores_what_validation_json_says(tmp_path):
+    from medpipe.segmentation.predictor import UNetSegmenter, load_segmenter
+    from medpipe.training import stage
+
+    root = _splits(tmp_path, np.random.default_rng(0))
+    paths = _unet_paths(root)
+    result = stage.run(TINY, paths)
+    assert result["status"] == "ok" and result["epochs_run"] == 2
+    assert json.loads((paths.out / "validation.json").read_text()) == result
+    assert set(result["validation"]) >= {"dice", "dice_lesion"}
+    assert 0.0 <= result["validation"]["dice"] <= 1.0
+
+    segmenter = load_segmenter(paths.out / "model.pt")
+    assert isinstance(segmenter, UNetSegmenter) and segmenter.postprocess and segmenter.spec.input_size == 32
+    val = ImageSet.load(paths.val)
+    prob = segmenter.predict_proba(val.images)
+    assert prob.shape == val.masks.shape and 0 <= prob.min() and prob.max() <= 1
+    dice_all, dice_lesion = mean_dice(prob, val.masks)
+    assert dice_all == pytest.approx(result["validation"]["dice"], abs=1e-4)  # model.pt is the best epoch
+    assert dice_lesion == pytest.approx(result["validation"]["dice_lesion"], abs=1e-4)
+    masks = segmenter.predict_masks(val.images, CleanupConfig())
+    assert masks.shape == val.masks.shape and masks.dtype == np.uint8 and set(np.unique(masks)) <= {0, 1}
+
+    curves = paths.live / "plots" / "metrics"
+    assert (curves / "val" / "dice.tsv").read_text().splitlines()[0] == "step\tdice"
+    assert (curves / "train" / "dice.tsv").is_file() and (curves / "train" / "loss.tsv").is_file()
+
+
+def test_pixel_classifier_stage_writes_a_model_that_scores_what_validation_json_says(tmp_path):
+    import joblib
+
+    from medpipe.segmentation import stage as pixel_stage
+
+    root = _splits(tmp_path, np.random.default_rng(0))
+    paths = _pixel_paths(root)
+    result = pixel_stage.run(TINY, paths)
+    assert result["status"] == "ok" and set(result["validation"]) == {"dice", "iou", "hd95"}
+    assert sorted(p.name for p in paths.out.iterdir()) == ["model.joblib", "validation.json"]
+    written, model = (paths.out / "validation.json").read_bytes(), (paths.out / "model.joblib").read_bytes()
+    assert json.loads(written) == result
+    scores = result["validation"]
+    assert 0.5 < scores["dice"] <= 1.0 and 0.0 < scores["iou"] <= scores["dice"] and scores["hd95"] >= 0.0
+
+    segmenter = joblib.load(paths.out / "model.joblib")
+    val = ImageSet.load(paths.val)
+    cleanup = load_section(TINY, "segment", SegmentConfig).cleanup
+    assert pixel_stage.validation_scores(val.masks, segmenter.predict_masks(val.images, cleanup)) == scores
+
+    pixel_stage.run(TINY, paths)  # a rerun on the same inputs keeps dvc.lock still
+    assert (paths.out / "validation.json").read_bytes() == written
+    assert (paths.out / "model.joblib").read_bytes() == model
+
+
+def test_both_segmenters_are_registered_in_mlflow_and_served_as_they_predict(tmp_path, monkeypatch):
+    import mlflow
+
+    from medpipe.segmentation import stage as pixel_stage
     from medpipe.segmentation.predictor import load_segmenter
-    from medpipe.segmentation.stage import run_segment
+    from medpipe.tracking.models import find_model_version
+    from medpipe.training import stage
 
+    monkeypatch.setenv("MEDPIPE_TRACKING", "on")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/m.db")
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
-    paths = _paths(tmp_path, np.random.default_rng(0))
-    result = run_segment(TINY, paths)
-    assert result["status"] == "ok"
-    for method, model_file in (("unet", "unet.pt"), ("pixel_classifier", "pixel_classifier.joblib")):
-        for split in ("val", "test"):
-            assert 0.0 <= result[method][split]["dice_mean"] <= 1.0
-            assert result[method][split]["dice_ci_low"] <= result[method][split]["dice_ci_high"]
-        sidecar = json.loads((paths.models / f"{method}.mlflow.json").read_text())
-        assert sidecar["registered_model"] == f"medpipe-toy-{method}" and sidecar["version"] == 1
-        assert (paths.plots / f"{method}_test.png").stat().st_size > 0
-        # the saved model reloads and predicts what the stage scored
-        test = ImageSet.load(paths.test)
-        prob = load_segmenter(paths.models / model_file).predict_proba(test.images)
-        assert prob.shape == test.masks.shape and 0 <= prob.min() and prob.max() <= 1
-        if method == "unet":  # and MLflow serves the same model
-            import mlflow
-
-            served = mlflow.pyfunc.load_model(sidecar["model_uri"]).predict(test.images)
-            np.testing.assert_allclose(served, prob, atol=1e-5)
-    assert (paths.plots / "curves" / "unet" / "dice.csv").read_text().startswith("epoch,train,val")
-    assert json.loads(paths.metrics.read_text()) == result
+    root = _splits(tmp_path, np.random.default_rng(0))
+    unet, pixel = _unet_paths(root), _pixel_paths(root)
+    stage.run(TINY, unet)
+    pixel_stage.run(TINY, pixel)
+    val = ImageSet.load(root / "val.npz")
+    for name, model_file in (("unet", unet.out / "model.pt"), ("pixel_classifier", pixel.out / "model.joblib")):
+        version = find_model_version(model_file)
+        assert version is not None and version.name == f"medpipe-toy-{name}" and int(version.version) == 1
+        run = mlflow.get_run(version.run_id)
+        assert run.data.tags["model"] == name and "best_dice" in run.data.metrics
+        served = np.asarray(mlflow.pyfunc.load_model(f"models:/{version.name}/{version.version}").predict(val.images))
+        expected = load_segmenter(model_file).predict_proba(val.images)
+        assert served.shape == val.masks.shape
+        np.testing.assert_allclose(served, expected, atol=1e-5)
+    history = mlflow.MlflowClient().get_metric_history(find_model_version(unet.out / "model.pt").run_id, "val_dice")
+    assert len(history) == 2

@@ -1,10 +1,10 @@
-"""The generic training loop, batches, online augmentation, checkpoints, class imbalance, the
-classification stages end to end (with MLflow against a temporary store) and parameter validation."""
+"""The generic training loop, batches, online augmentation, checkpoints, class imbalance, the ``train``
+stage end to end for a classifier (with MLflow against a temporary store), its byte-stable outputs and
+the validation of ``train``/``models`` (the U-Net's run of the same stage is in test_segmentation.py)."""
 
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -12,13 +12,11 @@ import torch
 from torch import nn
 
 from medpipe import config
-from medpipe.imageset import ImageSet
-from medpipe.training import classify
+from medpipe.data.imageset import ImageSet
+from medpipe.training import classify, stage
 from medpipe.training.augment import BatchAugment
 from medpipe.training.checkpoint import load_checkpoint, resume, save_checkpoint
-from medpipe.training.config import (
-    CNNStageConfig, OnlineAugmentConfig, ResNetStageConfig, TrainConfig, UnfreezeConfig,
-)
+from medpipe.training.config import ClassifierSpec, OnlineAugmentConfig, TrainConfig, UnfreezeConfig
 from medpipe.training.data import ArrayBatches, class_weights, sample_weights
 from medpipe.training.loop import EarlyStopping, MonitorError, fit
 from medpipe.training.predictor import TorchClassifier
@@ -35,15 +33,27 @@ def easy_images(n_per_class: int, size: int = 16, seed: int = 0) -> tuple[np.nda
     return images, labels.astype(np.int64)
 
 
-def imageset(images: np.ndarray, labels: np.ndarray) -> ImageSet:
+def imageset(images: np.ndarray, labels: np.ndarray, masks: np.ndarray | None = None) -> ImageSet:
     n = len(labels)
     ids = np.array([f"img{i}" for i in range(n)])
     return ImageSet(images=images, labels=labels, class_names=CLASSES, source_ids=ids, groups=np.array([""] * n),
-                    content_hashes=ids, phashes=np.arange(n, dtype=np.uint64), source_splits=np.array([""] * n))
+                    content_hashes=ids, phashes=np.arange(n, dtype=np.uint64), source_splits=np.array([""] * n),
+                    masks=masks)
+
+
+def with_lesions(images: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The images with a white 6x6 square each (a 'lesion' for the U-Net) and its 0/1 mask."""
+    rng = np.random.default_rng(seed)
+    images, masks = images.copy(), np.zeros(images.shape[:3], np.uint8)
+    for image, mask in zip(images, masks, strict=True):
+        top, left = rng.integers(1, images.shape[1] - 7, size=2)
+        mask[top:top + 6, left:left + 6] = 1
+        image[mask == 1] = 255
+    return images, masks
 
 
 def fast_train(**changes) -> dict:
-    base = dict(lr=3e-3, epochs=4, batch_size=16, precision="fp32", channels_last=False, patience=10,
+    base = dict(lr=3e-3, epochs=4, batch_size=16, precision="fp32", channels_last=False, patience=10, threads=1,
                 augment={"hflip": True, "vflip": False, "rot90": False, "rotate_degrees": 0, "scale": 0,
                          "translate": 0, "brightness": 0.0, "contrast": 0.0})
     return {**base, **changes}
@@ -263,43 +273,181 @@ def test_unfreezing_freezes_shallow_groups_and_their_batchnorm():
     assert groups[-1][0].bn1.training and not groups[1][0].bn1.training
 
 
-# ---------------------------------------------------------------- end to end
+# ---------------------------------------------------------------- the train stage, end to end
+
+TINY_MODELS = {   # a small CNN and a small U-Net, as entries of params.yaml's `models`
+    "cnn_two_conv": {"arch": "cnn_two_conv", "dropout": 0.2},
+    "unet": {"arch": "unet", "depth": 2, "base_width": 4, "input_size": 32, "train": {"batch_size": 8}},
+}
+TIMING_WORDS = ("second", "time", "duration")
+
+
+@pytest.fixture(autouse=True)
+def no_mlflow(monkeypatch, tmp_path):
+    """No MLflow unless a test switches it on; this process's thread registration in a private folder."""
+    monkeypatch.setenv("MEDPIPE_TRACKING", "off")
+    monkeypatch.setenv("MEDPIPE_WORKERS_DIR", str(tmp_path / "workers"))
+    monkeypatch.delenv("MEDPIPE_THREADS", raising=False)
+
 
 @pytest.fixture
-def splits(tmp_path):
+def data(tmp_path):
+    """train.npz / val.npz (separable classes, each image with a square lesion and its mask) and normalization.json."""
     train_images, train_labels = easy_images(20, seed=0)
     val_images, val_labels = easy_images(8, seed=1)
-    imageset(train_images, train_labels).save(tmp_path / "train.npz")
-    imageset(val_images, val_labels).save(tmp_path / "val.npz")
+    train_images, train_masks = with_lesions(train_images, seed=0)
+    val_images, val_masks = with_lesions(val_images, seed=1)
+    imageset(train_images, train_labels, train_masks).save(tmp_path / "train.npz")
+    imageset(val_images, val_labels, val_masks).save(tmp_path / "val.npz")
     (tmp_path / "norm.json").write_text(json.dumps({"mode": "mean_std", "mean": [0.4] * 3, "std": [0.3] * 3}))
-    return classify.StagePaths(tmp_path / "train.npz", tmp_path / "val.npz", tmp_path / "norm.json",
-                               tmp_path / "models", tmp_path / "metrics.json", tmp_path / "plots")
+    return tmp_path
 
 
-def cnn_params(**train) -> dict:
-    return {"seed": 0, "dataset": "tiny", "train": fast_train(**train),
-            "cnn": {"train": ["cnn_two_conv"], "models": {"cnn_two_conv": {"arch": "cnn_two_conv", "dropout": 0.2}}}}
+def train_paths(root, model: str = "cnn_two_conv", seed: int = 0) -> stage.TrainPaths:
+    """The paths dvc.yaml gives the stage of ``model`` and ``seed``."""
+    return stage.TrainPaths(model, seed, root / "train.npz", root / "val.npz", root / "norm.json",
+                            root / "models" / model / f"seed{seed}", root / "plots" / model / f"seed{seed}")
 
 
-def test_train_cnn_end_to_end_beats_chance(splits):
-    metrics = classify.run_stage(cnn_params(), "train_cnn", splits, log_mlflow=False)
-    m = metrics["cnn_two_conv"]
+def cnn_params(models: dict | None = None, **train) -> dict:
+    return {"seed": 0, "seeds": [0], "dataset": "tiny", "train": fast_train(**train),
+            "models": models if models is not None else {"cnn_two_conv": TINY_MODELS["cnn_two_conv"]}}
+
+
+def timing_keys(value) -> list[str]:
+    """Keys at any depth that look like timings."""
+    if isinstance(value, dict):
+        return [k for k in value if any(w in k for w in TIMING_WORDS)] + \
+            [k for v in value.values() for k in timing_keys(v)]
+    if isinstance(value, list):
+        return [k for v in value for k in timing_keys(v)]
+    return []
+
+
+def files(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_train_cnn_end_to_end_beats_chance(data):
+    paths = train_paths(data)
+    summary = stage.run(cnn_params(), paths)
+    assert summary["status"] == "ok" and summary["epochs_run"] == 4 and 1 <= summary["best_epoch"] <= 4
+    m = summary["validation"]
     assert m["balanced_accuracy"] > 0.8  # chance is 1/3
-    assert set(m) >= {"accuracy", "balanced_accuracy", "f1_macro", "roc_auc", "best_epoch", "train_seconds",
-                      "images_per_second"}
-    assert json.loads(splits.metrics.read_text()) == metrics
-    loss = (splits.plots / "curves" / "cnn_two_conv" / "loss.csv").read_text().splitlines()
-    assert loss[0] == "epoch,train,val" and len(loss) == 5
-    assert (splits.plots / "lr" / "cnn_two_conv.csv").is_file()
+    assert set(m) >= {"accuracy", "balanced_accuracy", "f1_macro", "roc_auc", "loss"}
+    assert json.loads((paths.out / "validation.json").read_text()) == summary
+    assert sorted(p.name for p in paths.out.iterdir()) == ["model.pt", "validation.json"]
+    curves = paths.live / "plots" / "metrics"
+    loss = (curves / "train" / "loss.tsv").read_text().splitlines()
+    assert loss[0].split("\t") == ["step", "loss"] and [row.split("\t")[0] for row in loss[1:]] == ["1", "2", "3", "4"]
+    assert (curves / "val" / "loss.tsv").is_file() and (curves / "val" / "balanced_accuracy.tsv").is_file()
+    assert (curves / "lr.tsv").read_text().splitlines()[1] == "1\t0.003"
 
-    clf = TorchClassifier.load(splits.models / "cnn_two_conv.pt")
-    val = ImageSet.load(splits.val)
+    checkpoint = load_checkpoint(paths.out / "model.pt")
+    assert checkpoint["epoch"] == summary["best_epoch"] and checkpoint["extra"]["seed"] == 0
+    clf = TorchClassifier.load(paths.out / "model.pt")
+    val = ImageSet.load(paths.val)
     proba = clf.predict_proba(val.images)
     assert proba.shape == (len(val), 3) and np.allclose(proba.sum(1), 1, atol=1e-5)
     assert (proba.argmax(1) == val.labels).mean() == pytest.approx(m["accuracy"], abs=1e-4)
     assert clf.class_names == CLASSES and clf.name == "cnn_two_conv" and not clf.model.training
     assert clf.preprocess(val.images[:2]).shape == (2, 3, 16, 16)
     assert isinstance(clf.gradcam_target_layers()[0], nn.Module)
+
+
+@pytest.mark.parametrize("model", ["cnn_two_conv", "unet"])
+def test_stage_outputs_hold_no_timings_and_a_rerun_writes_the_same_bytes(data, model):
+    """model.pt, validation.json and the DVCLive files are what dvc.lock hashes: a rerun on the same
+    inputs must not move them (no timings, no timestamps, no temporary names inside the files)."""
+    params = cnn_params(models=TINY_MODELS, epochs=2)
+    paths = train_paths(data, model)
+    summary = stage.run(params, paths)
+    assert summary["status"] == "ok" and summary["epochs_run"] == 2
+    out, live = files(paths.out), files(paths.live)
+    assert sorted(out) == ["model.pt", "validation.json"]
+    written = json.loads(out["validation.json"])
+    assert written == summary and timing_keys(written) == []
+    monitor = "dice" if model == "unet" else "balanced_accuracy"
+    assert 0.0 <= written["validation"][monitor] <= 1.0
+
+    tsv = {name: content.decode().splitlines() for name, content in live.items() if name.endswith(".tsv")}
+    assert {"plots/metrics/lr.tsv", "plots/metrics/train/loss.tsv", f"plots/metrics/val/{monitor}.tsv"} <= set(tsv)
+    for name, lines in tsv.items():
+        header = lines[0].split("\t")
+        assert header[0] == "step" and "timestamp" not in header and len(header) == 2, (name, header)
+        assert [row.split("\t")[0] for row in lines[1:]] == ["1", "2"], name
+        assert timing_keys({header[1]: None}) == [], name
+    if "metrics.json" in live:
+        assert timing_keys(json.loads(live["metrics.json"])) == []
+
+    stage.run(params, paths)
+    again_out, again_live = files(paths.out), files(paths.live)
+    assert again_out["validation.json"] == out["validation.json"]
+    assert again_out["model.pt"] == out["model.pt"], "model.pt changed on a rerun with the same inputs"
+    assert again_live == live
+
+
+def test_the_seed_changes_the_model(data):
+    params = cnn_params(epochs=1)
+    first, second = train_paths(data, seed=0), train_paths(data, seed=1)
+    stage.run(params, first)
+    stage.run(params, second)
+    a, b = (load_checkpoint(p.out / "model.pt") for p in (first, second))
+    assert (a["extra"]["seed"], b["extra"]["seed"]) == (0, 1)
+    assert not all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_the_stage_trains_with_the_models_own_recipe(data):
+    """train.epochs 1 and lr 0.004; the model overrides epochs to 2 and halves the lr with lr_factor."""
+    models = {"cnn_two_conv": {**TINY_MODELS["cnn_two_conv"], "lr_factor": 0.5, "train": {"epochs": 2}}}
+    paths = train_paths(data)
+    summary = stage.run(cnn_params(models=models, epochs=1, lr=0.004, scheduler="none"), paths)
+    assert summary["epochs_run"] == 2
+    recipe = load_checkpoint(paths.out / "model.pt")["config"]
+    assert recipe["epochs"] == 2 and recipe["lr"] == pytest.approx(0.002)
+    assert (paths.live / "plots" / "metrics" / "lr.tsv").read_text().splitlines()[1:] == ["1\t0.002", "2\t0.002"]
+
+
+def test_training_is_deterministic(data, tmp_path):
+    """Two folders, same inputs: the same validation metrics and the same weights."""
+    first = train_paths(data)
+    again = stage.TrainPaths(**{**first.__dict__, "out": tmp_path / "m2", "live": tmp_path / "p2"})
+    a = stage.run(cnn_params(epochs=2), first)
+    b = stage.run(cnn_params(epochs=2), again)
+    assert a == b
+    wa = load_checkpoint(first.out / "model.pt")["model"]
+    wb = load_checkpoint(again.out / "model.pt")["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_mlflow_run_registers_a_model_that_loads_and_predicts(data, tmp_path, monkeypatch):
+    import mlflow
+
+    from medpipe.tracking.models import file_md5, find_model_version
+
+    monkeypatch.setenv("MEDPIPE_TRACKING", "on")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/m.db")
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-test")
+    paths = train_paths(data, seed=7)
+    summary = stage.run(cnn_params(epochs=2), paths)
+    assert sorted(p.name for p in paths.out.iterdir()) == ["model.pt", "validation.json"]  # no MLflow sidecar
+    version = find_model_version(paths.out / "model.pt")
+    assert version is not None and version.name == "medpipe-tiny-cnn_two_conv" and int(version.version) == 1
+    run = mlflow.get_run(version.run_id)
+    assert run.data.params["train.lr"] == "0.003" and run.data.tags["dvc_experiment"] == "exp-test"
+    assert run.data.tags["seed"] == "7" and run.data.tags["model_md5"] == file_md5(paths.out / "model.pt")
+    assert run.data.metrics["best_balanced_accuracy"] == pytest.approx(summary["validation"]["balanced_accuracy"],
+                                                                       abs=1e-6)
+    assert run.data.metrics["train_seconds"] > 0  # timings go to MLflow, never to validation.json
+    client = mlflow.MlflowClient()
+    assert len(client.get_metric_history(version.run_id, "val_balanced_accuracy")) == 2
+    model = mlflow.pyfunc.load_model(f"models:/{version.name}/{version.version}")
+    assert model.metadata.signature is not None
+    images = ImageSet.load(paths.val).images
+    proba = np.asarray(model.predict(images))
+    expected = TorchClassifier.load(paths.out / "model.pt").predict_proba(images)
+    assert proba.shape == (len(images), 3) and np.allclose(proba, expected, atol=1e-5)
 
 
 def test_transfer_classifier_round_trip(tmp_path):
@@ -316,77 +464,67 @@ def test_transfer_classifier_round_trip(tmp_path):
     assert loaded.preprocess(images).shape == (6, 3, 32, 32) and loaded.spec["head"] == "attention"
 
 
-def test_training_is_deterministic(splits, tmp_path):
-    first = classify.run_stage(cnn_params(epochs=2), "train_cnn", splits, log_mlflow=False)
-    again = classify.StagePaths(**{**splits.__dict__, "models": tmp_path / "m2", "metrics": tmp_path / "m2.json"})
-    second = classify.run_stage(cnn_params(epochs=2), "train_cnn", again, log_mlflow=False)
-    strip = lambda m: {k: v for k, v in m["cnn_two_conv"].items() if k not in ("train_seconds", "images_per_second")}  # noqa: E731
-    assert strip(first) == strip(second)
-    a = load_checkpoint(splits.models / "cnn_two_conv.pt")["model"]
-    b = load_checkpoint(tmp_path / "m2" / "cnn_two_conv.pt")["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_mlflow_run_registers_a_model_that_loads_and_predicts(splits, tmp_path, monkeypatch):
-    import mlflow
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/m.db")
-    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
-    monkeypatch.setenv("DVC_EXP_NAME", "exp-test")
-    classify.run_stage(cnn_params(epochs=2), "train_cnn", splits, log_mlflow=True)
-    sidecar = json.loads((splits.models / "cnn_two_conv.mlflow.json").read_text())
-    assert sidecar["registered_model"] == "medpipe-tiny-cnn_two_conv" and sidecar["version"] == 1
-    run = mlflow.get_run(sidecar["run_id"])
-    assert run.data.params["train.lr"] == "0.003" and run.data.tags["dvc_experiment"] == "exp-test"
-    client = mlflow.MlflowClient()
-    assert len(client.get_metric_history(sidecar["run_id"], "val_balanced_accuracy")) == 2
-    model = mlflow.pyfunc.load_model(sidecar["model_uri"])
-    assert model.metadata.signature is not None
-    images = ImageSet.load(splits.val).images
-    proba = np.asarray(model.predict(images))
-    expected = TorchClassifier.load(splits.models / "cnn_two_conv.pt").predict_proba(images)
-    assert proba.shape == (len(images), 3) and np.allclose(proba, expected, atol=1e-5)
-
-
 # ---------------------------------------------------------------- parameter validation
 
 @pytest.mark.parametrize(
-    ("section", "change", "message"),
+    ("change", "message"),
     [
-        ("train", {"lr": -1e-4}, "train.lr"),
-        ("train", {"optimizer": "adagrad"}, "train.optimizer"),
-        ("train", {"learning_rate": 0.1}, "train.learning_rate"),
-        ("cnn", {"models": {"cnn_two_conv": {"arch": "vgg99"}}}, "unknown CNN architecture 'vgg99'"),
-        ("cnn", {"train": ["nope"]}, "not under models"),
+        ({"train": {"lr": -1e-4}}, r"train\.lr"),
+        ({"train": {"optimizer": "adagrad"}}, r"train\.optimizer"),
+        ({"train": {"learning_rate": 0.1}}, r"train\.learning_rate"),
+        ({"models": {"cnn_two_conv": {"arch": "vgg99"}}}, r"models\.cnn_two_conv\.arch.*unknown architecture 'vgg99'"),
+        ({"models": {"other": {"arch": "cnn_two_conv"}}}, "models has no entry 'cnn_two_conv'"),
     ],
 )
-def test_invalid_params_fail_before_training(splits, section, change, message):
+def test_invalid_params_fail_before_training(data, change, message):
     params = cnn_params()
-    params[section] = {**params[section], **change}
+    if "train" in change:
+        params["train"] = {**params["train"], **change["train"]}
+    else:
+        params["models"] = change["models"]
+    paths = train_paths(data)
     with pytest.raises(config.ParamsError, match=message):
-        classify.run_stage(params, "train_cnn", splits, log_mlflow=False)
-    assert not splits.models.exists()
+        stage.run(params, paths)
+    assert not paths.out.exists() and not paths.live.exists()
 
 
-def test_resnet_section_rejects_unknown_arch_and_missing_weights_file():
-    with pytest.raises(config.ParamsError, match="unknown architecture 'resnet101'"):
-        config.load_section({"resnet": {"train": ["r"], "models": {"r": {"arch": "resnet101"}}}}, "resnet",
-                            ResNetStageConfig)
-    params = {"train": {}, "resnet": {"train": ["r"], "models": {"r": {"arch": "resnet18", "weights": "/no/file"}}}}
-    with pytest.raises(config.ParamsError, match="resnet.models.r.weights"):
-        classify.load_stage_config(params, "train_resnet")
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"arch": "cnn_two_conv", "train": {"epochz": 3}}, r"models\.x\.train\b.*epochz"),
+        ({"arch": "cnn_two_conv", "train": {"epochs": 0}}, r"(?s)models\.x\.train\b.*epochs"),
+        ({"arch": "cnn_two_conv", "weights": "imagenet"}, r"models\.x\b.*small CNN.*weights must be 'none'"),
+        ({"arch": "cnn_two_conv", "head": "attention"}, r"models\.x\b.*head 'linear'"),
+        ({"arch": "cnn_two_conv", "dropot": 0.1}, r"models\.x\.dropot"),
+        ({"arch": "resnet101"}, r"models\.x\.arch.*unknown architecture 'resnet101'"),
+        ({"arch": "resnet18", "weights": "/no/file"}, r"models\.x\.weights.*/no/file"),
+    ],
+)
+def test_model_spec_errors_name_the_model_entry(entry, message):
+    with pytest.raises(config.ParamsError, match=message):
+        stage.model_spec({"train": {}, "models": {"x": entry, "y": {"arch": "cnn_two_conv"}}}, "x")
 
 
-def test_repository_params_validate():
-    params = config.load_params()
-    for stage in classify.STAGES:
-        base, section = classify.load_stage_config(params, stage)
-        assert section.selected()
-    assert isinstance(params["train"]["lr"], float)  # `dvc exp run -S train.lr=1e-4` sets an existing key
-    assert CNNStageConfig().train == ["cnn_two_conv"] and not math.isnan(base.lr)
+def test_model_spec_refuses_a_model_that_is_not_under_models():
+    with pytest.raises(config.ParamsError, match=r"models has no entry 'nope'.*\['x'\]"):
+        stage.model_spec({"models": {"x": {"arch": "cnn_two_conv"}}}, "nope")
 
 
-def test_unavailable_imagenet_weights_stop_the_stage_before_any_training(splits, monkeypatch, tmp_path):
+def test_a_models_train_override_changes_that_model_only_and_lr_factor_scales_train_lr():
+    params = {"train": {"lr": 0.004, "epochs": 5, "batch_size": 16}, "models": {
+        "a": {"arch": "cnn_two_conv", "train": {"epochs": 2}},
+        "b": {"arch": "resnet18", "lr_factor": 0.5},
+        "c": {"arch": "cnn_two_conv"},
+    }}
+    base = config.load_section(params, "train", TrainConfig)
+    a, b, c = (stage.model_spec(params, name).train_config(base) for name in "abc")
+    assert (a.epochs, a.lr) == (2, 0.004) and a.model_dump(exclude={"epochs"}) == base.model_dump(exclude={"epochs"})
+    assert (b.epochs, b.lr) == (5, pytest.approx(0.002))
+    assert c == base and base.epochs == 5  # the shared recipe itself is untouched
+    assert isinstance(stage.model_spec(params, "b"), ClassifierSpec)
+
+
+def test_unavailable_imagenet_weights_stop_the_stage_before_any_training(data, monkeypatch, tmp_path):
     import socket
 
     from medpipe.models.efficientnet import WeightsError
@@ -394,10 +532,32 @@ def test_unavailable_imagenet_weights_stop_the_stage_before_any_training(splits,
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     monkeypatch.setattr(socket.socket, "connect", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
     monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
-    params = {"seed": 0, "dataset": "tiny", "train": fast_train(),
-              "resnet": {"train": ["scratch", "r18"], "models": {
-                  "scratch": {"arch": "resnet18", "weights": "none"},
-                  "r18": {"arch": "resnet18", "weights": "imagenet"}}}}
+    params = cnn_params(models={"r18": {"arch": "resnet18", "weights": "imagenet"}})
+    paths = train_paths(data, "r18")
     with pytest.raises(WeightsError, match="Offline, copy that file"):
-        classify.run_stage(params, "train_resnet", splits, log_mlflow=False)
-    assert not splits.models.exists()  # the first model was not trained either
+        stage.run(params, paths)
+    assert not paths.out.exists()
+
+
+def test_splits_with_different_classes_are_refused(data):
+    val = ImageSet.load(data / "val.npz")
+    ImageSet(**{**val.__dict__, "class_names": ("x", "y", "z")}).save(data / "val.npz")
+    with pytest.raises(config.ParamsError, match="different classes"):
+        stage.run(cnn_params(), train_paths(data))
+
+
+def test_repository_params_validate():
+    from medpipe.segmentation.config import SegmentConfig, UNetSpec
+
+    params = config.load_params()
+    base = config.load_section(params, "train", TrainConfig)
+    for name in params["classifiers"]:
+        assert isinstance(stage.model_spec(params, name), ClassifierSpec), name
+    for name in params["segmenters"]:
+        spec = stage.model_spec(params, name)
+        assert isinstance(spec, UNetSpec) and spec.train_config(base).monitor == "dice", name
+    for name in params["models"]:
+        stage.model_spec(params, name)
+    assert config.training_seeds(params)
+    config.load_section(params, "segment", SegmentConfig)
+    assert isinstance(params["train"]["lr"], float)  # `dvc exp run -S train.lr=1e-4` sets an existing key

@@ -25,6 +25,12 @@ def _check_names(values: list[str], known: tuple[str, ...], what: str) -> list[s
     return values
 
 
+def positive_integers(values: list[int], what: str) -> list[int]:
+    if not values or any(v < 1 for v in values):
+        raise ValueError(f"{what} must be a non-empty list of positive integers")
+    return values
+
+
 class RawConfig(Strict):
     size: int = Field(32, ge=4, le=256)  # downscaled side length
     grayscale: bool = True
@@ -57,9 +63,7 @@ class LbpConfig(Strict):
     @field_validator("radii")
     @classmethod
     def _positive(cls, v: list[int]) -> list[int]:
-        if not v or any(r < 1 for r in v):
-            raise ValueError("radii must be a non-empty list of positive integers")
-        return v
+        return positive_integers(v, "radii")
 
 
 class GlcmConfig(Strict):
@@ -69,9 +73,7 @@ class GlcmConfig(Strict):
     @field_validator("distances")
     @classmethod
     def _positive(cls, v: list[int]) -> list[int]:
-        if not v or any(d < 1 for d in v):
-            raise ValueError("distances must be a non-empty list of positive integers")
-        return v
+        return positive_integers(v, "distances")
 
 
 class EmbeddingConfig(Strict):
@@ -134,7 +136,7 @@ class SearchConfig(Strict):
 
 
 class ClassicalConfig(Strict):
-    train_on: Literal["augmented", "plain"] = "plain"
+    train_set: Literal["train", "train_augmented"] = "train"   # what the models fit on (dvc.yaml reads it too)
     features: list[str] = Field(default_factory=lambda: ["embedding", "hog", "histogram", "lbp", "glcm"])
     models: list[str] = Field(default_factory=lambda: list(MODELS))
     pca: float | int | None = None  # null: no PCA; <1: variance kept; >=1: components

@@ -16,12 +16,13 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.pipeline import FeatureUnion
 from skimage.feature import graycomatrix, graycoprops, hog, local_binary_pattern
 
+from medpipe.errors import UserError
 from medpipe.classical.config import FEATURES, ClassicalConfig
 
 log = logging.getLogger(__name__)
 
 
-class UnknownFeatureError(ValueError):
+class UnknownFeatureError(UserError, ValueError):
     """A feature name that no extractor implements."""
 
 

@@ -23,6 +23,7 @@ from sklearn.pipeline import FeatureUnion, Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
+from medpipe.errors import UserError
 from medpipe.classical.config import MODELS, ClassicalConfig
 from medpipe.classical.features import feature_blocks, make_features
 from medpipe.metrics import classification_metrics
@@ -30,7 +31,7 @@ from medpipe.metrics import classification_metrics
 log = logging.getLogger(__name__)
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(UserError, ValueError):
     """A model name that no classifier implements."""
 
 

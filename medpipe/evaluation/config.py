@@ -21,6 +21,7 @@ class TTAConfig(Strict):
 
 class EvaluateConfig(Strict):
     bootstrap_resamples: int = Field(1000, ge=0, le=100_000)  # 0 = no confidence intervals
+    grid_images: int = Field(12, ge=0, le=100)  # test images in each segmenter's contour figure
     confidence: float = Field(0.95, gt=0, lt=1)
     bootstrap_seed: int = Field(0, ge=0)
     ece_bins: int = Field(15, ge=2, le=100)

@@ -1,14 +1,18 @@
-"""The Markdown comparison of all models (``metrics/summary.md``)."""
+"""The Markdown comparison of all models (``metrics/summary.md``): headline with verdicts, then details."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
+from medpipe.data.imageset import ImageSet
+from medpipe.evaluation.compare import CLASSIFIER_METRICS, SEGMENTER_METRICS
+from medpipe.evaluation.config import EvaluateConfig
 from medpipe.evaluation.scores import GLOBAL_METRICS, LOWER_IS_BETTER
 
 
 def fmt(result: dict[str, Any], key: str, digits: int = 3) -> str:
+    """``value [low, high]`` when the result holds an interval for ``key``."""
     value = result.get(key)
     if value is None:
         return "n/a"
@@ -19,45 +23,83 @@ def fmt(result: dict[str, Any], key: str, digits: int = 3) -> str:
     return text
 
 
-def _table(header: Sequence[str], rows: list[list[str]]) -> list[str]:
+def mean_std_text(detail: dict[str, Any], key: str, digits: int = 3) -> str:
+    """``mean ± std`` over seeds (``mean`` alone for one seed)."""
+    mean, std = detail["mean"].get(key), detail["std"].get(key)
+    if mean is None:
+        return "n/a"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if std is not None else f"{mean:.{digits}f}"
+
+
+def table(header: Sequence[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def first_seed(detail: dict[str, Any]) -> dict[str, Any]:
+    return next(iter(detail["seeds"].values()))
+
+
+def headline_tables(headline: dict[str, Any], details: dict[str, Any], verdicts: dict[str, str],
+                    champion: dict[str, Any]) -> list[str]:
+    lines = []
+    if headline["classifiers"]:
+        rows = []
+        for name in headline["classifiers"]:
+            verdict = "champion" if champion and name == champion["model"] else verdicts.get(name, "")
+            seeds = len(details[name]["headline_per_seed"])
+            rows.append([f"`{name}`", str(seeds), *(mean_std_text(details[name], m) for m in CLASSIFIER_METRICS),
+                         verdict])
+        lines += ["## Classifiers (test split; mean ± std over training seeds)", ""]
+        lines += table(["model", "seeds", *CLASSIFIER_METRICS, "vs champion"], rows)
+        lines += ["", "`vs champion`: paired bootstrap of the difference on the same test images (all seeds); "
+                  "`within noise` = statistically tied with the champion.", ""]
+    if headline["segmenters"]:
+        rows = [[f"`{name}`", str(len(details[name]["headline_per_seed"])),
+                 *(mean_std_text(details[name], m) for m in SEGMENTER_METRICS)] for name in headline["segmenters"]]
+        lines += ["## Segmenters (test images with a lesion; HD95 in px)", ""]
+        lines += table(["model", "seeds", *SEGMENTER_METRICS], rows) + [""]
     return lines
 
 
-def markdown_summary(results: dict[str, dict[str, Any]], class_names: Sequence[str], test_counts: dict[str, int],
-                     confidence: float, resamples: int, champion: dict[str, Any] | None) -> str:
-    pct = f"{confidence:.0%}"
+def detail_tables(details: dict[str, Any], class_names: Sequence[str]) -> list[str]:
+    """Every metric with its interval, per class, calibration and TTA (first seed of each classifier)."""
+    classifiers = {name: first_seed(d) for name, d in details.items() if "accuracy" in d["mean"]}
+    if not classifiers:
+        return []
+    lines = ["## All metrics (first seed, with 95% bootstrap intervals)", ""]
+    rows = [[f"`{name}`", *(fmt(r, k) for k in GLOBAL_METRICS)] for name, r in classifiers.items()]
+    rows += [[f"`{name}` + TTA", *(fmt(r["tta"], k) for k in GLOBAL_METRICS)]
+             for name, r in classifiers.items() if "tta" in r]
+    lines += table(["model", *GLOBAL_METRICS], rows)
+    lines += ["", "## Per class: sensitivity (recall) / specificity / precision / F1", ""]
+    header = ["model"] + [f"{c} {m}" for c in class_names for m in ("sens.", "spec.", "prec.", "F1")]
+    lines += table(header, [[f"`{name}`"] + [fmt(r, f"{m}_{c}", 2) for c in class_names
+                                             for m in ("recall", "specificity", "precision", "f1")]
+                            for name, r in classifiers.items()])
+    calibrated = {name: r for name, r in classifiers.items() if r.get("temperature") is not None}
+    if calibrated:
+        lines += ["", "## Calibration: temperature scaling fitted on the validation split", ""]
+        lines += table(["model", "temperature", "ECE before", "ECE after", "log loss before", "log loss after"],
+                       [[f"`{name}`", f"{r['temperature']:.3f}", fmt(r, "ece"), fmt(r, "ece_ts"), fmt(r, "log_loss"),
+                         fmt(r, "log_loss_ts")] for name, r in calibrated.items()])
+    return lines
+
+
+def markdown_summary(headline: dict[str, Any], details: dict[str, Any], verdicts: dict[str, str],
+                     champion: dict[str, Any], test: ImageSet, cfg: EvaluateConfig) -> str:
+    counts = test.class_counts()
     lines = [
-        "# Test-split evaluation",
-        "",
-        f"Test images: {sum(test_counts.values())} ("
-        + ", ".join(f"{k} {v}" for k, v in test_counts.items()) + "). "
-        + (f"Brackets: {pct} percentile-bootstrap interval over test images ({resamples} resamples)."
-           if resamples else "No confidence intervals (evaluate.bootstrap_resamples = 0)."),
-        "Lower is better for " + ", ".join(sorted(LOWER_IS_BETTER)) + "; higher for the rest. `<model>_tta` rows "
-        "average test-time-augmented views. n/a = undefined on this split (e.g. a class absent).",
-        "",
+        "# Test-split evaluation", "",
+        f"Test images: {len(test)} (" + ", ".join(f"{k} {v}" for k, v in counts.items()) + "). "
+        f"Intervals and verdicts: {cfg.confidence:.0%} percentile bootstrap over test images "
+        f"({cfg.bootstrap_resamples} resamples). Lower is better for " + ", ".join(sorted(LOWER_IS_BETTER | {"hd95"}))
+        + "; higher for the rest.", "",
     ]
     if champion:
         lines += [f"**Champion** (by {champion['selected_by']} = {champion['validation_score']:.4f}): "
-                  f"`{champion['model']}`"
-                  + (f", MLflow `{champion['champion_uri']}`" if champion.get("alias_set") else "") + "", ""]
-    lines += ["## All metrics", ""]
-    lines += _table(["model", *GLOBAL_METRICS], [[f"`{name}`", *(fmt(r, k) for k in GLOBAL_METRICS)]
-                                               for name, r in results.items()])
-    lines += ["", "## Per class: sensitivity (recall) / specificity / precision / F1", ""]
-    header = ["model"] + [f"{c} {m}" for c in class_names for m in ("sens.", "spec.", "prec.", "F1")]
-    rows = [[f"`{name}`"] + [fmt(r, f"{m}_{c}", 2) for c in class_names
-                             for m in ("recall", "specificity", "precision", "f1")]
-            for name, r in results.items()]
-    lines += _table(header, rows)
-    calibrated = {name: r for name, r in results.items() if r.get("temperature") is not None}
-    if calibrated:
-        lines += ["", "## Calibration: temperature scaling fitted on the validation split", ""]
-        lines += _table(
-            ["model", "temperature", "ECE before", "ECE after", "log loss before", "log loss after"],
-            [[f"`{name}`", f"{r['temperature']:.3f}", fmt(r, "ece"), fmt(r, "ece_ts"), fmt(r, "log_loss"),
-              fmt(r, "log_loss_ts")] for name, r in calibrated.items()],
-        )
+                  f"`{champion['model']}`" + (f", MLflow `{champion['champion_uri']}`" if champion.get("alias_set")
+                                               else ""), ""]
+    lines += headline_tables(headline, details, verdicts, champion)
+    lines += detail_tables(details, test.class_names)
     return "\n".join(lines) + "\n"

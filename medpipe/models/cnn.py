@@ -15,6 +15,8 @@ block) for Grad-CAM.
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch
 from torch import nn
 
@@ -54,7 +56,7 @@ class FourConvCNN(nn.Module):
                  widths: tuple[int, ...] = (32, 64, 128, 256)) -> None:
         super().__init__()
         chans = (3, *widths)
-        self.features = nn.Sequential(*(_conv_block(a, b) for a, b in zip(chans[:-1], chans[1:], strict=True)))
+        self.features = nn.Sequential(*(_conv_block(a, b) for a, b in pairwise(chans)))
         self.classifier = nn.Sequential(
             nn.Dropout(dropout / 2), nn.Flatten(), nn.Linear(_flat_size(self.features, input_size), 256),
             nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(256, num_classes),

@@ -6,21 +6,28 @@ from typing import Any
 
 from torch import nn
 
-from medpipe.models.cnn import CNNS
-from medpipe.models.resnet import build_transfer
+from medpipe.models.errors import ArchitectureError
+from medpipe.models.registry import get_architecture, names
 
-TRANSFER_ARCHS = ("resnet18", "resnet34", "resnet50", "efficientnet_lite0")
+TRANSFER_ARCHS = names("transfer")  # kept for older callers; the registry is the list
+DEFAULT_DROPOUT = {"cnn": 0.5, "transfer": 0.2}
 
 
 def build_classifier(spec: dict[str, Any], pretrained: bool = True) -> nn.Module:
     """``spec``: arch, num_classes, input_size, dropout, and for transfer models weights and head.
 
-    ``pretrained=False`` skips loading pretrained weights (used when a checkpoint supplies them).
+    Missing optional keys take the defaults of older checkpoints (dropout 0.5 for a CNN, 0.2 for a
+    transfer model; weights ``none``; head ``linear``). ``pretrained=False`` skips loading pretrained
+    weights (used when a checkpoint supplies them).
     """
-    arch = spec["arch"]
-    if arch in CNNS:
-        return CNNS[arch](spec["num_classes"], input_size=spec["input_size"], dropout=spec.get("dropout", 0.5))
-    if arch in TRANSFER_ARCHS:
-        weights = spec.get("weights", "none") if pretrained else "none"
-        return build_transfer(arch, spec["num_classes"], weights, spec.get("head", "linear"), spec.get("dropout", 0.2))
-    raise ValueError(f"unknown architecture {arch!r}; known: {sorted(CNNS) + list(TRANSFER_ARCHS)}")
+    missing = [key for key in ("arch", "num_classes") if key not in spec]
+    if missing:
+        raise ArchitectureError(f"the model spec {spec} lacks {missing}")
+    arch = get_architecture(spec["arch"])
+    return arch.build(
+        num_classes=spec["num_classes"],
+        input_size=spec.get("input_size"),
+        dropout=spec.get("dropout", DEFAULT_DROPOUT[arch.family]),
+        weights=spec.get("weights", "none") if pretrained else "none",
+        head=spec.get("head", "linear"),
+    )

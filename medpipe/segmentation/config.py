@@ -7,48 +7,35 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from medpipe.config import Strict
-from medpipe.training.config import OnlineAugmentConfig, TrainConfig
+from medpipe.training.config import ModelSpec, TrainConfig
 
 
-class UNetConfig(Strict):
-    """The U-Net and how it trains; the training knobs map onto the shared loop's ``TrainConfig``."""
+class UNetSpec(ModelSpec):
+    """The U-Net entry of ``models``: its shape, its loss, its clean-up; training follows the shared ``train``."""
 
+    arch: Literal["unet"] = "unet"
     depth: int = Field(4, ge=1, le=5)          # down-sampling steps
     base_width: int = Field(16, ge=4, le=128)  # channels of the first level, doubled at each level
-    encoder: Literal["scratch", "efficientnet_lite0"] = "scratch"
-    pretrained: bool = True                    # ImageNet weights for the efficientnet_lite0 encoder
+    encoder: str = "scratch"                   # scratch | an EfficientNet-Lite of the architecture registry
+    pretrained: bool = True                    # ImageNet weights for a pretrained encoder
     input_size: int = Field(128, ge=32, le=1024)  # the network's side; predictions go back to the data size
-    epochs: int = Field(20, ge=1)
-    batch_size: int = Field(16, ge=2)
-    optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
-    lr: float = Field(3e-3, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
-    scheduler: Literal["cosine", "onecycle", "plateau", "none"] = "cosine"
-    patience: int = Field(8, ge=1)             # epochs without a better validation Dice before stopping
     dice_weight: float = Field(1.0, ge=0)
     bce_weight: float = Field(1.0, ge=0)
-    precision: Literal["bf16", "fp32"] = "bf16"   # bf16 autocast on CPUs/GPUs that support it
-    channels_last: bool = True
-    postprocess: bool = True                   # clean-up as in ``segment.postprocess``
-    augment: OnlineAugmentConfig = OnlineAugmentConfig()
+    postprocess: bool = True                   # clean-up as in ``segment.cleanup``
 
     @model_validator(mode="after")
-    def _consistent(self) -> UNetConfig:
+    def _consistent(self) -> UNetSpec:
         if self.dice_weight == 0 and self.bce_weight == 0:
             raise ValueError("dice_weight and bce_weight cannot both be 0")
-        levels = 2 ** (min(self.depth, 4) + 1 if self.encoder == "efficientnet_lite0" else self.depth)
+        levels = 2 ** (min(self.depth, 4) + 1 if self.encoder != "scratch" else self.depth)
         if self.input_size % levels:
             raise ValueError(f"input_size ({self.input_size}) must be divisible by {levels} for depth {self.depth}")
         return self
 
-    def train_config(self) -> TrainConfig:
-        """The shared training loop's knobs, selecting the best epoch by validation Dice."""
-        return TrainConfig(
-            lr=self.lr, optimizer=self.optimizer, weight_decay=self.weight_decay, batch_size=self.batch_size,
-            epochs=self.epochs, scheduler=self.scheduler, monitor="dice", monitor_mode="max",
-            patience=self.patience, precision=self.precision, channels_last=self.channels_last,
-            augment=self.augment, class_weights="none",
-        )
+    def train_config(self, base: TrainConfig) -> TrainConfig:
+        """The shared recipe and this model's overrides; the best epoch is the one with the best validation Dice."""
+        return super().train_config(base).updated(monitor="dice", monitor_mode="max", class_weights="none",
+                                                  sampler="none")
 
 
 class PixelClassifierConfig(Strict):
@@ -69,7 +56,7 @@ class PixelClassifierConfig(Strict):
         return self
 
 
-class PostprocessConfig(Strict):
+class CleanupConfig(Strict):
     """Morphological clean-up of predicted masks, for the methods whose ``postprocess`` is true."""
 
     min_area: int = Field(20, ge=0)             # px; smaller components are removed
@@ -78,16 +65,8 @@ class PostprocessConfig(Strict):
 
 
 class SegmentConfig(Strict):
-    methods: tuple[Literal["unet", "pixel_classifier"], ...] = ("unet", "pixel_classifier")
-    train_set: Literal["train", "train_augmented"] = "train"
-    bootstrap_samples: int = Field(1000, ge=100)
-    grid_images: int = Field(12, ge=0)          # images in the contour PNG of each method
-    unet: UNetConfig = UNetConfig()
-    pixel_classifier: PixelClassifierConfig = PixelClassifierConfig()
-    postprocess: PostprocessConfig = PostprocessConfig()
+    """The ``segment`` section: what segmenters train on, the pixel classifier, the mask clean-up."""
 
-    @model_validator(mode="after")
-    def _some_method(self) -> SegmentConfig:
-        if len(set(self.methods)) != len(self.methods):
-            raise ValueError(f"segment.methods lists a method twice: {list(self.methods)}")
-        return self
+    train_set: Literal["train", "train_augmented"] = "train"
+    pixel_classifier: PixelClassifierConfig = PixelClassifierConfig()
+    cleanup: CleanupConfig = CleanupConfig()

@@ -22,6 +22,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from medpipe.segmentation.config import PixelClassifierConfig
+from medpipe.segmentation.postprocess import to_masks
 
 
 def sigmas(sigma_min: float, sigma_max: float) -> list[float]:
@@ -131,3 +132,15 @@ class PixelSegmenter:
     def predict(self, images: np.ndarray) -> np.ndarray:
         """(N, H, W) uint8 masks at ``cfg.threshold``, before any clean-up."""
         return (self.predict_proba(images) >= self.cfg.threshold).astype(np.uint8)
+
+    @property
+    def threshold(self) -> float:
+        return self.cfg.threshold
+
+    @property
+    def postprocess(self) -> bool:
+        return self.cfg.postprocess
+
+    def predict_masks(self, images: np.ndarray, cleanup) -> np.ndarray:
+        """Masks at ``cfg.threshold``, cleaned up as ``cleanup`` (``segment.cleanup``) says when ``cfg.postprocess``."""
+        return to_masks(self.predict_proba(images), self.threshold, self.postprocess, cleanup)

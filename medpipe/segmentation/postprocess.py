@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from scipy import ndimage
 from skimage import morphology
+
+if TYPE_CHECKING:
+    from medpipe.segmentation.config import CleanupConfig
 
 
 def postprocess(mask: np.ndarray, min_area: int = 20, keep_components: int = 1, fill_holes: bool = True) -> np.ndarray:
@@ -18,3 +23,12 @@ def postprocess(mask: np.ndarray, min_area: int = 20, keep_components: int = 1, 
         keep = np.argsort(sizes)[::-1][:keep_components] + 1
         mask = np.isin(labels, keep)
     return (ndimage.binary_fill_holes(mask) if fill_holes else mask).astype(np.uint8)
+
+
+def to_masks(prob: np.ndarray, threshold: float, clean: bool, cleanup: CleanupConfig) -> np.ndarray:
+    """Probabilities -> 0/1 masks at ``threshold``, each cleaned up (``segment.cleanup``) when ``clean``."""
+    masks = (prob >= threshold).astype(np.uint8)
+    if clean:
+        masks = np.stack([postprocess(m, cleanup.min_area, cleanup.keep_components, cleanup.fill_holes)
+                          for m in masks])
+    return masks

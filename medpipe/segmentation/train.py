@@ -11,17 +11,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from medpipe.models.efficientnet import IMAGENET_MEAN, IMAGENET_STD
-from medpipe.segmentation.config import UNetConfig
+from medpipe.segmentation.config import UNetSpec
 from medpipe.segmentation.losses import DiceBCELoss
 from medpipe.segmentation.metrics import dice_score
 from medpipe.segmentation.unet import build_unet
 from medpipe.training.data import ArrayBatches
-from medpipe.training.loop import FitResult, autocast, fit, predict_batches
+from medpipe.training.config import TrainConfig
+from medpipe.training.loop import FitResult, autocast, fit, predict_batches, world
 
 
-def input_normalization(cfg: UNetConfig, mean: Sequence[float], std: Sequence[float]) -> tuple[list, list]:
-    """A pretrained EfficientNet encoder sees ImageNet-style inputs; a scratch U-Net the data's own statistics."""
-    if cfg.encoder == "efficientnet_lite0" and cfg.pretrained:
+def input_normalization(spec: UNetSpec, mean: Sequence[float], std: Sequence[float]) -> tuple[list, list]:
+    """A pretrained encoder sees ImageNet-style inputs; a scratch U-Net the data's own statistics."""
+    if spec.encoder != "scratch" and spec.pretrained:
         return list(IMAGENET_MEAN), list(IMAGENET_STD)
     return list(mean), list(std)
 
@@ -43,7 +44,7 @@ def to_data_size(logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
 
 def train_unet(
     train_images: np.ndarray, train_masks: np.ndarray, val_images: np.ndarray, val_masks: np.ndarray,
-    cfg: UNetConfig, mean: Sequence[float], std: Sequence[float], seed: int,
+    spec: UNetSpec, cfg: TrainConfig, mean: Sequence[float], std: Sequence[float], seed: int,
     checkpoint_path: str | Path | None = None, on_epoch: Callable[[dict], None] | None = None,
     batch_metrics: Callable | None = None,
 ) -> tuple[nn.Module, FitResult]:
@@ -51,14 +52,14 @@ def train_unet(
 
     Training batches are augmented online, images and masks with the same geometric transform.
     """
-    mean, std = input_normalization(cfg, mean, std)
-    train_cfg = cfg.train_config()
-    model = build_unet(cfg.depth, cfg.base_width, cfg.encoder, cfg.pretrained)
-    loss = DiceBCELoss(cfg.dice_weight, cfg.bce_weight)
+    mean, std = input_normalization(spec, mean, std)
+    model = build_unet(spec.depth, spec.base_width, spec.encoder, spec.pretrained)
+    loss = DiceBCELoss(spec.dice_weight, spec.bce_weight)
+    rank, world_size = world()   # under DDP (train.processes > 1) each rank trains on its shard of every epoch
     train = ArrayBatches(train_images, train_masks, batch_size=cfg.batch_size, mean=mean, std=std,
-                         size=cfg.input_size, shuffle=True, drop_last=True, augment=cfg.augment,
-                         targets_are_masks=True, seed=seed)
-    val = ArrayBatches(val_images, val_masks, batch_size=64, mean=mean, std=std, size=cfg.input_size,
+                         size=spec.input_size, shuffle=True, drop_last=True, augment=cfg.augment,
+                         targets_are_masks=True, seed=seed, rank=rank, world_size=world_size)
+    val = ArrayBatches(val_images, val_masks, batch_size=64, mean=mean, std=std, size=spec.input_size,
                        targets_are_masks=True)
     size = val_masks.shape[1:]
 
@@ -73,20 +74,31 @@ def train_unet(
         val_loss = float(loss(logits, small)) if small is not None else float("nan")
         return {"dice": dice_all, "dice_lesion": dice_lesion, "loss": val_loss}
 
-    extra = {"unet": cfg.model_dump(), "mean": mean, "std": std, "data_size": list(size)}
-    result = fit(model, train, loss_fn, val_fn, train_cfg, on_epoch=on_epoch, batch_metrics=batch_metrics,
+    extra = {"unet": spec.model_dump(), "mean": mean, "std": std, "data_size": list(size),
+             "precision": cfg.precision, "channels_last": cfg.channels_last}
+    result = fit(model, train, loss_fn, val_fn, cfg, on_epoch=on_epoch, batch_metrics=batch_metrics,
                  checkpoint_path=checkpoint_path, checkpoint_extra=extra)
     return model, result
 
 
-def predict_unet(model: nn.Module, images: np.ndarray, cfg: UNetConfig, mean: Sequence[float],
-                 std: Sequence[float], batch_size: int = 64) -> np.ndarray:
+def predict_unet(model: nn.Module, images: np.ndarray, spec: UNetSpec, mean: Sequence[float],
+                 std: Sequence[float], precision: str = "bf16", channels_last: bool = True,
+                 batch_size: int = 64) -> np.ndarray:
     """(N, H, W) lesion probabilities for (N, H, W, 3) uint8 images, at the images' own size."""
-    mean, std = input_normalization(cfg, mean, std)
+    mean, std = input_normalization(spec, mean, std)
     batches = ArrayBatches(images, np.zeros(len(images), dtype=np.int64), batch_size=batch_size, mean=mean,
-                           std=std, size=cfg.input_size)
+                           std=std, size=spec.input_size)
     device = next(model.parameters()).device
     model.eval()
-    with torch.inference_mode(), autocast(device, cfg.precision):
-        logits, _ = predict_batches(model, batches, channels_last=cfg.channels_last)
+    with torch.inference_mode(), autocast(device, precision):
+        logits, _ = predict_batches(model, batches, channels_last=channels_last)
     return to_data_size(logits, images.shape[1:3])
+
+
+def batch_dice(logits: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:
+    """Mean hard Dice of a training batch at threshold 0.5 (an empty/empty pair scores 1)."""
+    pred = (logits.float() > 0).flatten(1)
+    true = masks.reshape(pred.shape).bool()
+    inter = (pred & true).sum(1).float()
+    total = (pred.sum(1) + true.sum(1)).float()
+    return {"dice": float(torch.where(total > 0, 2 * inter / total.clamp(min=1), 1.0).mean())}

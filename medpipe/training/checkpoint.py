@@ -42,8 +42,10 @@ def save_checkpoint(
         "metrics": {k: float(v) for k, v in (metrics or {}).items()},
         "extra": dict(extra or {}),
     }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    # through a file object: given a path, torch names the archive's inner folder after the (random) temporary
+    # file name, and the same weights would give other bytes on every run
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        torch.save(state, handle)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

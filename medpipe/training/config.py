@@ -1,14 +1,16 @@
-"""Typed views of the ``train``, ``cnn`` and ``resnet`` sections of ``params.yaml``.
+"""Typed views of the ``train`` and ``models`` sections of ``params.yaml``.
 
 ``train`` holds what every torch model shares (optimiser, learning rate, schedule, early stopping,
-imbalance handling, online augmentation, precision); ``cnn`` and ``resnet`` hold what differs per
-model. ``train.lr`` is the one learning rate: a model scales it with its own ``lr_factor``, so
-``dvc exp run -S train.lr=1e-4`` changes every deep model at once.
+imbalance handling, online augmentation, precision, progressive unfreezing); each entry of ``models``
+holds what differs per model and may override any ``train`` key under its own ``train:``. ``train.lr``
+is the one learning rate: a model scales it with its own ``lr_factor``, so ``dvc exp run -S
+train.lr=1e-4`` changes every deep model at once. The segmenters' spec extends :class:`ModelSpec` in
+``medpipe.segmentation.config``.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -34,9 +36,28 @@ class OnlineAugmentConfig(Strict):
                     self.brightness, self.contrast))
 
 
+class UnfreezeConfig(Strict):
+    """Progressive unfreezing of a pretrained backbone, deepest block group first."""
+
+    head_epochs: int = Field(2, ge=0)        # epochs that train the new head only
+    step_epochs: int = Field(2, ge=1)        # epochs between two unfreezing steps
+    groups_per_step: int = Field(2, ge=1)    # block groups unfrozen at each step
+    backbone_lr_factor: float = Field(1.0, gt=0, le=1)   # backbone lr = head lr * factor
+
+    def trainable_groups(self, epoch: int, n_groups: int) -> int:
+        """How many of the ``n_groups`` deepest backbone groups train at ``epoch`` (0-based)."""
+        if epoch < self.head_epochs:
+            return 0
+        steps = 1 + (epoch - self.head_epochs) // self.step_epochs
+        return min(n_groups, steps * self.groups_per_step)
+
+
 class TrainConfig(Strict):
     """Knobs of :func:`medpipe.training.loop.fit` (the ``train`` section)."""
 
+    train_set: Literal["train", "train_augmented"] = "train_augmented"   # what the classifiers train on
+    threads: Literal["auto"] | int = "auto"             # torch threads: auto = a share of the cores
+    processes: int = Field(1, ge=1)                     # > 1: DistributedDataParallel, one process per GPU/share
     lr: float = Field(1e-3, gt=0, le=10)
     optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
     weight_decay: float = Field(1e-4, ge=0)
@@ -61,6 +82,14 @@ class TrainConfig(Strict):
     sampler: Literal["none", "weighted"] = "none"       # weighted = WeightedRandomSampler by class
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     augment: OnlineAugmentConfig = OnlineAugmentConfig()
+    unfreeze: UnfreezeConfig = UnfreezeConfig()
+
+    @field_validator("threads")
+    @classmethod
+    def _positive_threads(cls, value):
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"threads must be 'auto' or a positive integer, got {value}")
+        return value
 
     @field_validator("class_weights")
     @classmethod
@@ -74,102 +103,50 @@ class TrainConfig(Strict):
         return type(self).model_validate({**self.model_dump(), **changes})
 
 
-CNN_ARCHS = ("cnn_two_conv", "cnn_four_conv", "cnn_brain_mri")
-RESNET_ARCHS = ("resnet18", "resnet34", "resnet50", "efficientnet_lite0")
-
-
 class ModelSpec(Strict):
-    """One model of a training stage; ``None`` means 'as in the ``train`` section'."""
+    """What every deep model of ``models`` has: an architecture, an input size, and its own training recipe.
+
+    ``train`` overrides keys of the shared ``train`` section for this model only (``{epochs: 12}``);
+    ``lr_factor`` scales the shared ``train.lr``, so ``dvc exp run -S train.lr=1e-4`` moves every model.
+    """
 
     arch: str
-    lr_factor: float = Field(1.0, gt=0)      # this model's lr = train.lr * lr_factor
-    epochs: int | None = Field(None, ge=1)
-    batch_size: int | None = Field(None, ge=1)
-    precision: Literal["bf16", "fp32"] | None = None
     input_size: int | None = Field(None, ge=8, le=1024)   # resize inputs to this side; None = data size
-    dropout: float = Field(0.5, ge=0, lt=1)
+    lr_factor: float = Field(1.0, gt=0)
+    train: dict[str, Any] = {}
 
     def train_config(self, base: TrainConfig) -> TrainConfig:
-        changes: dict = {"lr": base.lr * self.lr_factor}
-        for key in ("epochs", "batch_size", "precision"):
-            if getattr(self, key) is not None:
-                changes[key] = getattr(self, key)
-        return base.updated(**changes)
+        """The shared recipe with this model's overrides (validated again: a bad key or value fails here)."""
+        unknown = sorted(set(self.train) - set(TrainConfig.model_fields))
+        if unknown:
+            raise ValueError(f"train overrides unknown key(s) {unknown}; known: {sorted(TrainConfig.model_fields)}")
+        return base.updated(**{"lr": base.lr * self.lr_factor, **self.train})
 
 
-def known_arch(value: str, archs, kind: str) -> str:
-    if value not in archs:
-        raise ValueError(f"unknown {kind}architecture {value!r}; choose one of {list(archs)}")
-    return value
+class ClassifierSpec(ModelSpec):
+    """A deep classifier: a small CNN from scratch or a transfer-learning backbone with a new head."""
 
-
-class CNNModelSpec(ModelSpec):
-    @field_validator("arch")
-    @classmethod
-    def _known(cls, value: str) -> str:
-        return known_arch(value, CNN_ARCHS, "CNN ")
-
-
-class UnfreezeConfig(Strict):
-    """Progressive unfreezing of a pretrained backbone, deepest block group first."""
-
-    head_epochs: int = Field(2, ge=0)        # epochs that train the new head only
-    step_epochs: int = Field(2, ge=1)        # epochs between two unfreezing steps
-    groups_per_step: int = Field(2, ge=1)    # block groups unfrozen at each step
-    backbone_lr_factor: float = Field(1.0, gt=0, le=1)   # backbone lr = head lr * factor
-
-    def trainable_groups(self, epoch: int, n_groups: int) -> int:
-        """How many of the ``n_groups`` deepest backbone groups train at ``epoch`` (0-based)."""
-        if epoch < self.head_epochs:
-            return 0
-        steps = 1 + (epoch - self.head_epochs) // self.step_epochs
-        return min(n_groups, steps * self.groups_per_step)
-
-
-class ResNetModelSpec(ModelSpec):
     weights: str = "none"                    # imagenet | none | <path to a state dict>
     head: Literal["linear", "attention"] = "linear"
-    dropout: float = Field(0.2, ge=0, lt=1)
+    dropout: float = Field(0.5, ge=0, lt=1)
 
     @field_validator("arch")
     @classmethod
     def _known(cls, value: str) -> str:
-        return known_arch(value, RESNET_ARCHS, "")
+        from medpipe.models.registry import get_architecture
+
+        get_architecture(value)
+        return value
+
+    @model_validator(mode="after")
+    def _weights_fit_the_architecture(self) -> ClassifierSpec:
+        from medpipe.models.registry import get_architecture
+
+        if get_architecture(self.arch).family == "cnn" and (self.weights != "none" or self.head != "linear"):
+            raise ValueError(f"{self.arch} is a small CNN trained from scratch: weights must be 'none' and head "
+                             f"'linear' (got weights={self.weights!r}, head={self.head!r})")
+        return self
 
     @property
     def pretrained(self) -> bool:
         return self.weights != "none"
-
-
-class _StageConfig(Strict):
-    train: list[str]
-    models: dict
-
-    @model_validator(mode="after")
-    def _listed_models_exist(self):
-        missing = [m for m in self.train if m not in self.models]
-        if missing:
-            raise ValueError(f"train lists {missing}, which are not under models (defined: {sorted(self.models)})")
-        if len(set(self.train)) != len(self.train):
-            raise ValueError(f"train lists a model twice: {self.train}")
-        return self
-
-    def selected(self) -> dict:
-        return {name: self.models[name] for name in self.train}
-
-
-class CNNStageConfig(_StageConfig):
-    """The ``cnn`` section: which models ``train_cnn`` trains and how each differs."""
-
-    train: list[str] = ["cnn_two_conv"]
-    models: dict[str, CNNModelSpec] = {"cnn_two_conv": CNNModelSpec(arch="cnn_two_conv")}
-
-
-class ResNetStageConfig(_StageConfig):
-    """The ``resnet`` section: transfer-learning models of ``train_resnet``."""
-
-    train: list[str] = ["efficientnet_lite0"]
-    models: dict[str, ResNetModelSpec] = {
-        "efficientnet_lite0": ResNetModelSpec(arch="efficientnet_lite0", weights="imagenet")
-    }
-    unfreeze: UnfreezeConfig = UnfreezeConfig()

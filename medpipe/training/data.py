@@ -4,6 +4,11 @@ The whole split is held once as a uint8 tensor (a 128 px BUSI training set is ~4
 indexed, scaled to [0, 1], resized if the model wants another input size, augmented on the batch
 (:mod:`medpipe.training.augment`) and normalised. Shuffling and the optional class-balancing
 ``WeightedRandomSampler`` draw from one seeded generator, so the same seed gives the same batches.
+
+Under DistributedDataParallel each process builds the same ``ArrayBatches`` with its ``rank`` and the
+``world_size``: every rank draws the same epoch order from the shared seed and keeps its own disjoint shard
+(``order[rank::world_size]``, ``len // world_size`` indices, so every rank runs the same number of batches);
+augmentation then draws from a generator of the rank's own, so ranks do not share their random transforms.
 """
 
 from __future__ import annotations
@@ -68,6 +73,11 @@ def nchw_uint8(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """A seed of rank ``rank``'s own, derived from the shared ``seed`` (distinct from it and from other ranks')."""
+    return (seed + 1_000_003 * (rank + 1)) % 2**63
+
+
 class ArrayBatches:
     """Re-iterable batches of ``(normalised float images, targets)``; each iteration is one epoch.
 
@@ -90,17 +100,24 @@ class ArrayBatches:
         balanced_sampler: bool = False,
         targets_are_masks: bool = False,
         seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if len(images) != len(targets):
             raise ValueError(f"{len(images)} images but {len(targets)} targets")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not one of the {world_size} processes")
         self.images = nchw_uint8(images)
         self.targets = torch.from_numpy(np.ascontiguousarray(targets))
         if not targets_are_masks:
             self.targets = self.targets.long()
         self.batch_size, self.size, self.mean, self.std = batch_size, size, mean, std
         self.shuffle, self.drop_last, self.targets_are_masks = shuffle, drop_last, targets_are_masks
-        self.generator = torch.Generator().manual_seed(seed)
-        self.augment = BatchAugment(augment, self.generator) if augment is not None and augment.enabled else None
+        self.rank, self.world_size = rank, world_size
+        self.generator = torch.Generator().manual_seed(seed)   # the epoch order: the same on every rank
+        # one process: augmentation shares the order's generator (as it always has: same seed, same bytes)
+        own = self.generator if world_size == 1 else torch.Generator().manual_seed(rank_seed(seed, rank))
+        self.augment = BatchAugment(augment, own) if augment is not None and augment.enabled else None
         self.sampler = None
         if balanced_sampler:
             if targets_are_masks:
@@ -110,15 +127,25 @@ class ArrayBatches:
             self.sampler = WeightedRandomSampler(weights, len(labels), replacement=True, generator=self.generator)
 
     def __len__(self) -> int:
-        n = len(self.images)
+        n = len(self.images) // self.world_size   # this rank's share of an epoch
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def order(self) -> torch.Tensor:
+    def epoch_order(self) -> torch.Tensor:
+        """The whole epoch's indices (the same on every rank: one draw from the shared seed)."""
         if self.sampler is not None:
             return torch.tensor(list(self.sampler), dtype=torch.long)
         if self.shuffle:
             return torch.randperm(len(self.images), generator=self.generator)
         return torch.arange(len(self.images))
+
+    def order(self) -> torch.Tensor:
+        """This rank's indices of the epoch: every ``world_size``-th from ``rank``, the tail that does not
+        divide evenly left out (the order differs every epoch, so the left-out images do too)."""
+        order = self.epoch_order()
+        if self.world_size == 1:
+            return order
+        per_rank = len(order) // self.world_size
+        return order[self.rank:per_rank * self.world_size:self.world_size]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self.order()

@@ -33,6 +33,18 @@ to the device). ``param_groups`` lets a caller give parts of the model their own
 ``lr`` of each group is a factor of ``cfg.lr``); ``before_epoch(epoch, model)`` runs after
 ``model.train()`` each epoch (progressive unfreezing uses it to freeze blocks and keep their
 BatchNorm in eval mode); ``on_epoch(record)`` sees each epoch's record (MLflow, DVCLive, logging).
+
+Data-parallel training: when a ``torch.distributed`` process group is initialised (the ``train`` stage
+does it under torchrun, ``train.processes > 1``), :func:`fit` wraps the model in DistributedDataParallel
+(gradients averaged across ranks every step; ``train_batches`` must be this rank's shard, e.g.
+``ArrayBatches(..., rank=, world_size=)``), all-reduces the epoch's training loss and batch metrics
+(sample-weighted means over all ranks), validates on rank 0 alone and broadcasts the metrics, so every
+rank takes the same early-stopping, scheduler and best-epoch decisions. Only rank 0 writes the
+checkpoint (of the unwrapped model: it loads like a single-process one) and sees ``on_epoch``. With
+progressive unfreezing (``before_epoch``), every parameter joins DDP's gradient reducer when wrapped
+(DDP never averages the gradient of a parameter frozen at that moment, even once unfrozen) and
+``find_unused_parameters=True`` lets the frozen ones sit out each step; other models are wrapped with
+``static_graph=True`` (the same parameters used at every step; those never used are found once).
 """
 
 from __future__ import annotations
@@ -50,6 +62,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from medpipe.errors import UserError
 from medpipe.training.checkpoint import save_checkpoint
 from medpipe.training.config import TrainConfig
 
@@ -60,7 +73,7 @@ ValFn = Callable[[nn.Module], Mapping[str, float]]
 BatchMetricFn = Callable[[Any, Any], Mapping[str, float]]
 
 
-class MonitorError(KeyError):
+class MonitorError(UserError, KeyError):
     """The validation metrics lack the key named by ``train.monitor``."""
 
     def __str__(self) -> str:  # KeyError quotes its message; show it plainly
@@ -105,6 +118,51 @@ class EarlyStopping:
         else:
             self.bad_epochs += 1
         return self.bad_epochs >= self.patience
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) unless a ``torch.distributed`` process group is initialised."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def all_reduce_sums(values: Sequence[float], device: torch.device) -> list[float]:
+    """Element-wise sums of ``values`` over all ranks (float64)."""
+    summed = torch.tensor(list(values), dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(summed)
+    return summed.tolist()
+
+
+def broadcast_from_rank0(value: Any) -> Any:
+    """Rank 0's ``value`` (any picklable object) on every rank."""
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def data_parallel(model: nn.Module, device: torch.device, trainable_changes: bool) -> nn.Module:
+    """``model`` in DistributedDataParallel (rank 0's weights and buffers broadcast to every rank).
+
+    ``trainable_changes``: which parameters train changes between epochs (progressive unfreezing), so
+    all of them must be in DDP's reducer from the start, frozen or not, and the frozen ones found unused
+    at every step (``find_unused_parameters``; their gradients stay None, as in one process). Otherwise the
+    graph is static (``static_graph``): parameters a model never uses (the encoder blocks below a shallow
+    U-Net's depth) are found once, in the first step, at no cost afterwards.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [device.index] if device.type == "cuda" else None
+    if not trainable_changes:
+        return DistributedDataParallel(model, device_ids=device_ids, static_graph=True)
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -215,7 +273,12 @@ def train_one_epoch(
                 for key, value in batch_metrics(outputs.detach(), targets).items():
                     totals[key] = totals.get(key, 0.0) + float(value) * n
     if seen == 0:
-        raise ValueError("the training batches are empty (fewer images than one batch with drop_last?)")
+        raise ValueError("the training batches are empty (fewer images than one batch with drop_last, "
+                         "per process with train.processes > 1?)")
+    if world()[1] > 1:  # sums over every rank's shard: sample-weighted means of the whole epoch
+        keys = list(totals)
+        summed = all_reduce_sums([seen, *(totals[k] for k in keys)], device)
+        seen, totals = int(round(summed[0])), dict(zip(keys, summed[1:], strict=True))
     return {k: v / seen for k, v in totals.items()}, seen
 
 
@@ -225,6 +288,106 @@ def evaluate(model: nn.Module, val_fn: ValFn, cfg: TrainConfig, device: torch.de
     with torch.inference_mode(), autocast(device, cfg.precision):
         metrics = dict(val_fn(model))
     return {k: (float(v) if v is not None else float("nan")) for k, v in metrics.items()}
+
+
+def evaluate_on_rank0(model: nn.Module, val_fn: ValFn, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
+    """:func:`evaluate` on rank 0 (of the unwrapped model), its metrics broadcast to every rank; an error
+    there fails every rank at once."""
+    rank, world_size = world()
+    if world_size == 1:
+        return evaluate(model, val_fn, cfg, device)
+    if rank != 0:
+        val = broadcast_from_rank0(None)
+        if isinstance(val, str):
+            raise RuntimeError(f"validation failed on rank 0: {val}")
+        return val
+    try:
+        val = evaluate(model, val_fn, cfg, device)
+    except BaseException as err:
+        broadcast_from_rank0(f"{type(err).__name__}: {err}")
+        raise
+    return broadcast_from_rank0(val)
+
+
+def checkpoint_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
+    """The recipe a checkpoint records: ``processes`` only when several trained it (as many as did), so a
+    single-process checkpoint has the same bytes as before the knob existed."""
+    recipe = cfg.model_dump(exclude={"processes"})
+    if world_size > 1:
+        recipe["processes"] = world_size
+    return recipe
+
+
+def place(model: nn.Module, cfg: TrainConfig) -> torch.device:
+    """Move ``model`` to ``train.device`` (channels-last memory when asked); returns the device."""
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and device.index is None and world()[1] > 1:
+        device = torch.device("cuda", torch.cuda.current_device())   # the GPU the stage gave this rank
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return device
+
+
+def monitored(val: dict[str, float], cfg: TrainConfig) -> float:
+    """The validation score ``train.monitor`` names; a clear error when the metrics lack it."""
+    if cfg.monitor not in val:
+        raise MonitorError(
+            f"train.monitor is {cfg.monitor!r} but the validation metrics are {sorted(val)}; "
+            "set train.monitor to one of them"
+        )
+    return val[cfg.monitor]
+
+
+def step_epoch_scheduler(scheduler: Any, score: float, per_batch: bool) -> None:
+    """End-of-epoch scheduler step (plateau sees the score; one-cycle steps per batch instead)."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        scheduler.step(score)
+    elif scheduler is not None and not per_batch:
+        scheduler.step()
+
+
+def epoch_record(epoch: int, lr: float, train_stats: dict, val: dict, seconds: float, seen: int) -> dict[str, float]:
+    return {
+        "epoch": epoch,
+        "lr": lr,
+        **{f"train_{k}": v for k, v in train_stats.items()},
+        **{f"val_{k}": v for k, v in val.items()},
+        "seconds": seconds,
+        "images_per_second": seen / seconds if seconds > 0 else float("nan"),
+    }
+
+
+@dataclass
+class _Progress:
+    """What :func:`fit` carries from epoch to epoch."""
+
+    stopper: EarlyStopping
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    train_time: float = 0.0
+    samples: int = 0
+    stopped_early: bool = False
+
+    def keep_best(self, model: nn.Module, val: dict[str, float]) -> None:
+        self.best_metrics = dict(val)
+        self.best_state = copy.deepcopy(model.state_dict())
+
+    def result(self, model: nn.Module, restore_best: bool, checkpoint_path: Path | None) -> FitResult:
+        if not self.best_state:  # the monitored metric was NaN in every epoch: keep the last weights
+            self.best_state = copy.deepcopy(model.state_dict())
+            self.best_metrics = {k[4:]: v for k, v in self.history[-1].items() if k.startswith("val_")}
+            self.stopper.best_epoch = len(self.history)
+        if restore_best:
+            model.load_state_dict(self.best_state)
+        model.eval()
+        return FitResult(
+            best_epoch=self.stopper.best_epoch, best_metrics=self.best_metrics, history=self.history,
+            train_seconds=self.train_time,
+            images_per_second=self.samples / self.train_time if self.train_time > 0 else float("nan"),
+            stopped_early=self.stopped_early, checkpoint_path=checkpoint_path, best_state=self.best_state,
+        )
 
 
 def fit(
@@ -244,94 +407,58 @@ def fit(
 ) -> FitResult:
     """Train ``model`` for up to ``cfg.epochs`` epochs, keeping the best epoch by ``cfg.monitor``.
 
-    Epochs in records are 1-based. ``before_epoch`` receives the 0-based epoch index.
-    """
-    device = resolve_device(cfg.device)
-    model.to(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
+    Epochs in records are 1-based; ``before_epoch`` receives the 0-based epoch index. In a process group of
+    several ranks (see the module's notes) only rank 0 writes ``checkpoint_path`` and calls ``on_epoch``."""
+    device = place(model, cfg)
+    rank, world_size = world()
+    net = model
+    if world_size > 1:
+        shards = getattr(train_batches, "world_size", world_size)
+        if shards != world_size:
+            raise ValueError(f"{world_size} processes train but the training batches are split {shards} ways: "
+                             "give each rank its shard (ArrayBatches(..., rank=, world_size=))")
+        net = data_parallel(model, device, trainable_changes=before_epoch is not None)
+        torch.manual_seed((torch.initial_seed() + rank) % 2**63)   # dropout etc.: each rank its own random stream
     optimizer = build_optimizer(param_groups if param_groups is not None else model.parameters(), cfg)
     scheduler = build_scheduler(optimizer, cfg, len(train_batches) if isinstance(train_batches, Sized) else None)
     per_batch = isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR)
-    stopper = EarlyStopping(cfg.monitor_mode, cfg.patience, cfg.min_delta)
     checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
-    history: list[dict[str, float]] = []
-    best_state: dict[str, torch.Tensor] = {}
-    best_metrics: dict[str, float] = {}
-    train_time = 0.0
-    samples = 0
-    stopped_early = False
+    progress = _Progress(EarlyStopping(cfg.monitor_mode, cfg.patience, cfg.min_delta))
 
     for epoch in range(cfg.epochs):
-        model.train()
+        net.train()
         if before_epoch is not None:
             before_epoch(epoch, model)
         lr = optimizer.param_groups[0]["lr"]
         start = time.perf_counter()
-        train_stats, seen = train_one_epoch(model, train_batches, loss_fn, optimizer, cfg, device, batch_metrics,
+        train_stats, seen = train_one_epoch(net, train_batches, loss_fn, optimizer, cfg, device, batch_metrics,
                                             scheduler if per_batch else None)
         seconds = time.perf_counter() - start
-        train_time += seconds
-        samples += seen
-        val = evaluate(model, val_fn, cfg, device)
-        if cfg.monitor not in val:
-            raise MonitorError(
-                f"train.monitor is {cfg.monitor!r} but the validation metrics are {sorted(val)}; "
-                "set train.monitor to one of them"
-            )
-        score = val[cfg.monitor]
-        improved = stopper.is_improvement(score)
-        stop = stopper.step(score, epoch + 1)
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            scheduler.step(score)
-        elif scheduler is not None and not per_batch:
-            scheduler.step()
-        record = {
-            "epoch": epoch + 1,
-            "lr": lr,
-            **{f"train_{k}": v for k, v in train_stats.items()},
-            **{f"val_{k}": v for k, v in val.items()},
-            "seconds": seconds,
-            "images_per_second": seen / seconds if seconds > 0 else float("nan"),
-        }
-        history.append(record)
-        log.info(
-            "epoch %d/%d lr %.2e train loss %.4f val %s %.4f%s (%.1f s)", epoch + 1, cfg.epochs, lr,
-            train_stats["loss"], cfg.monitor, score, " *" if improved else "", seconds,
-        )
+        progress.train_time += seconds
+        progress.samples += seen
+        val = evaluate_on_rank0(model, val_fn, cfg, device)
+        score = monitored(val, cfg)
+        improved = progress.stopper.is_improvement(score)
+        stop = progress.stopper.step(score, epoch + 1)
+        step_epoch_scheduler(scheduler, score, per_batch)
+        record = epoch_record(epoch + 1, lr, train_stats, val, seconds, seen)
+        progress.history.append(record)
+        log.info("epoch %d/%d lr %.2e train loss %.4f val %s %.4f%s (%.1f s)", epoch + 1, cfg.epochs, lr,
+                 train_stats["loss"], cfg.monitor, score, " *" if improved else "", seconds)
         if improved:
-            best_metrics = dict(val)
-            best_state = copy.deepcopy(model.state_dict())
-            if checkpoint_path is not None:
-                save_checkpoint(
-                    checkpoint_path, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch + 1,
-                    config=cfg.model_dump(), metrics=best_metrics, extra=checkpoint_extra,
-                )
-        if on_epoch is not None:
+            progress.keep_best(model, val)
+            if checkpoint_path is not None and rank == 0:
+                save_checkpoint(checkpoint_path, model=model, optimizer=optimizer, scheduler=scheduler,
+                                epoch=epoch + 1, config=checkpoint_config(cfg, world_size), metrics=val,
+                                extra=checkpoint_extra)
+        if on_epoch is not None and rank == 0:
             on_epoch(record)
         if stop:
-            stopped_early = epoch + 1 < cfg.epochs
-            log.info("early stopping after epoch %d: no %s improvement in %d epochs",
-                     epoch + 1, cfg.monitor, cfg.patience)
+            progress.stopped_early = epoch + 1 < cfg.epochs
+            log.info("early stopping after epoch %d: no %s improvement in %d epochs", epoch + 1, cfg.monitor,
+                     cfg.patience)
             break
-
-    if not best_state:  # the monitored metric was NaN in every epoch: keep the last weights
-        best_state = copy.deepcopy(model.state_dict())
-        best_metrics = {k[4:]: v for k, v in history[-1].items() if k.startswith("val_")}
-        stopper.best_epoch = len(history)
-    if restore_best:
-        model.load_state_dict(best_state)
-    model.eval()
-    return FitResult(
-        best_epoch=stopper.best_epoch,
-        best_metrics=best_metrics,
-        history=history,
-        train_seconds=train_time,
-        images_per_second=samples / train_time if train_time > 0 else float("nan"),
-        stopped_early=stopped_early,
-        checkpoint_path=checkpoint_path,
-        best_state=best_state,
-    )
+    return progress.result(model, restore_best, checkpoint_path)
 
 
 @torch.inference_mode()

@@ -1,0 +1,93 @@
+"""One classifier (one seed) on the test split: every metric with intervals, calibration, TTA, plots."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medpipe.data.imageset import ImageSet
+from medpipe.errors import UserError
+from medpipe.evaluation import calibration, gradcam, plots
+from medpipe.evaluation.config import EvaluateConfig
+from medpipe.evaluation.scores import evaluate_with_ci
+from medpipe.evaluation.tta import predict_proba_tta
+from medpipe.predictors import ModelFile
+
+log = logging.getLogger(__name__)
+
+
+class ClassMismatchError(UserError, ValueError):
+    """A model predicts other classes than the test split holds."""
+
+
+@dataclass(frozen=True)
+class ClassifierScore:
+    proba: np.ndarray          # (N, C) test probabilities
+    details: dict[str, Any]    # every metric with its interval; calibration; TTA
+
+
+def check_classes(model: Any, mf: ModelFile, data: ImageSet, proba: np.ndarray) -> None:
+    names = tuple(str(c) for c in getattr(model, "class_names", ()))
+    if names != data.class_names or proba.shape != (len(data), data.num_classes):
+        raise ClassMismatchError(
+            f"{mf.path}: the model predicts classes {list(names)} (probabilities {proba.shape}) but the test split "
+            f"has {list(data.class_names)} ({len(data)} images): retrain it on the current dataset (dvc repro)"
+        )
+
+
+def temperature_scaled(model: Any, val: ImageSet, proba: np.ndarray, y: np.ndarray, names, ci: dict) -> dict:
+    """ECE and log loss after temperature scaling fitted on the validation split (and the temperature)."""
+    val_proba = np.asarray(model.predict_proba(val.images), dtype=np.float64)
+    temperature = calibration.fit_temperature(val_proba, val.labels)
+    after = evaluate_with_ci(y, calibration.apply_temperature(proba, temperature), names, **ci)
+    out = {"temperature": round(temperature, 6)}
+    for key in ("ece", "log_loss"):
+        for suffix in ("", "_ci_low", "_ci_high"):
+            if f"{key}{suffix}" in after:
+                out[f"{key}_ts{suffix}"] = after[f"{key}{suffix}"]
+    return out
+
+
+def write_plots(out: dict[str, Path], mf: ModelFile, model: Any, test: ImageSet, proba: np.ndarray,
+                cfg: EvaluateConfig, seed: int, scaled: np.ndarray | None) -> None:
+    """DVC plot data (confusion, ROC, PR, reliability) and the PNG figures of one model."""
+    y, names = test.labels, test.class_names
+    plots.write_csv(out["confusion"] / f"{mf.name}.csv", plots.confusion_rows(y, proba.argmax(1), names))
+    plots.write_csv(out["roc"] / f"{mf.name}.csv", plots.roc_table(y, proba, names))
+    plots.write_csv(out["pr"] / f"{mf.name}.csv", plots.pr_table(y, proba, names))
+    plots.write_csv(out["calibration"] / f"{mf.name}.csv", plots.calibration_rows(y, proba, cfg.ece_bins, scaled))
+    plots.model_figure(out["figures"] / f"{mf.name}.png", f"{mf.name}, test split", y, proba, names, cfg.ece_bins,
+                       scaled)
+    if mf.is_deep and cfg.gradcam and cfg.gradcam_per_class > 0:
+        pick = gradcam.sample_per_class(y, cfg.gradcam_per_class, seed)
+        maps, predicted = gradcam.cam_maps(model, test.images[pick], cfg.gradcam_method)
+        gradcam.overlay_figure(out["gradcam"] / f"{mf.name}.png", f"{mf.name}: {cfg.gradcam_method}",
+                               test.images[pick], maps, y[pick], predicted, names)
+
+
+def score_classifier(model: Any, mf: ModelFile, test: ImageSet, val: ImageSet | None, cfg: EvaluateConfig,
+                     seed: int, out: dict[str, Path] | None) -> ClassifierScore:
+    """Metrics (plain, temperature-scaled calibration, TTA) of one model; its plots when ``out`` is given."""
+    ci = {"resamples": cfg.bootstrap_resamples, "confidence": cfg.confidence, "seed": cfg.bootstrap_seed,
+          "ece_bins": cfg.ece_bins}
+    start = time.perf_counter()
+    proba = np.asarray(model.predict_proba(test.images), dtype=np.float64)
+    check_classes(model, mf, test, proba)
+    log.info("%s: %d test images in %.2f s", mf.name, len(test), time.perf_counter() - start)
+    y = test.labels
+    details = evaluate_with_ci(y, proba, test.class_names, **ci)
+    scaled = None
+    if val is not None:
+        details.update(temperature_scaled(model, val, proba, y, test.class_names, ci))
+        scaled = calibration.apply_temperature(proba, details["temperature"])
+    if mf.is_deep and cfg.tta.enabled:
+        details["tta"] = evaluate_with_ci(y, predict_proba_tta(model, test.images, cfg.tta, seed), test.class_names,
+                                          **ci)
+    if out is not None:
+        write_plots(out, mf, model, test, proba, cfg, seed, scaled)
+    return ClassifierScore(proba, details)

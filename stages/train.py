@@ -1,0 +1,7 @@
+"""Stage `train`: train one deep model (a classifier or a segmenter of params.yaml's `models`) with one seed."""
+
+from medpipe.cli import stage_main
+from medpipe.training.stage import TrainPaths, run
+
+if __name__ == "__main__":
+    stage_main(run, TrainPaths, __doc__)
