@@ -109,7 +109,10 @@ def project(tmp_path_factory):
     params["dataset"] = "tiny"
     shrink_for_test(params)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "MEDPIPE_DATA_MIRROR": str(mirror), "MLFLOW_TRACKING_URI": f"sqlite:///{base}/mlflow.db"}
+    # A fixed thread count: CPU kernels split their sums by thread, and with `threads: auto` the count would follow
+    # whatever else runs on the machine, so the byte-for-byte checks would depend on it.
+    env = {**os.environ, "MEDPIPE_DATA_MIRROR": str(mirror), "MLFLOW_TRACKING_URI": f"sqlite:///{base}/mlflow.db",
+           "MEDPIPE_THREADS": "2", "MEDPIPE_WORKERS_DIR": str(base / "workers")}
     env.pop("DVC_ROOT", None)
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
                 ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
