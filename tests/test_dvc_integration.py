@@ -127,7 +127,7 @@ def test_full_pipeline_is_reproducible_and_reruns_exactly_what_changed(project):
     run(["git", "checkout", "--", "."], repo, env)
     run(["dvc", "checkout", "--force"], repo, env)
 
-    out = run(["dvc", "exp", "run", "-S", "models.cnn_two_conv.train.epochs=2"], repo, env).stdout
+    out = run(["dvc", "exp", "run", "-S", "+models.cnn_two_conv.train.epochs=2"], repo, env).stdout  # + adds a key
     assert ran(out) == {"train@cnn_two_conv-42", "evaluate"}, out
     out = run(["dvc", "exp", "run", "-S", "seeds=[42,7]"], repo, env).stdout
     assert ran(out) == {"train@cnn_two_conv-7", "train@efficientnet_lite0-7", "train_segmenter@unet-7",
