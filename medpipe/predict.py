@@ -5,7 +5,7 @@ then ``preprocess.process_image``: the dataset's crop and resize to ``image_size
 settings read from ``params.yaml``, so a file scores as its copy in the test split does.
 
     medpipe-predict scans/                       # every image under a folder, champion model
-    medpipe-predict a.png b.jpg --model svm      # a model by name (see metrics/evaluate.json) ...
+    medpipe-predict a.png b.jpg --model svm      # a model by name (see metrics/evaluate.json; `ensemble` too) ...
     medpipe-predict a.png --model models/train_cnn/cnn.pt            # ... or by file
     medpipe-predict a.png --model-uri models:/medpipe-busi-svm@champion   # an MLflow model
     medpipe-predict a.png --request > body.json  # the JSON body for `mlflow models serve`
@@ -26,14 +26,15 @@ from typing import Any
 
 import numpy as np
 
-from medpipe.errors import UserError
 from medpipe import cli, config
-from medpipe.data import imaging
-from medpipe.io import read_json
 from medpipe.config import training_seeds
-from medpipe.predictors import classical_models, deep_models, load_model
+from medpipe.data import imaging
 from medpipe.data.preprocess import process_image
 from medpipe.data.registry import DatasetSpec, get_spec
+from medpipe.errors import UserError
+from medpipe.evaluation import ensemble
+from medpipe.io import read_json
+from medpipe.predictors import classical_models, deep_models, load_model
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
@@ -91,7 +92,10 @@ def collect_files(paths: Iterable[Path], prep: Preprocessing) -> list[Path]:
 
 
 def resolve_model(model: str | None, models_dir: Path, champion_file: Path, params: dict) -> Path:
-    """A model file from a path, a model name (its best seed by validation), or the champion record."""
+    """A model file from a path, a model name (its best seed by validation), or the champion record.
+
+    ``ensemble`` is the evaluate stage's soft vote: its file lists the member files and weights.
+    """
     if model is None:
         if not champion_file.is_file():
             raise FileNotFoundError(f"{champion_file} does not exist: run `dvc repro evaluate` or pass --model")
@@ -99,8 +103,10 @@ def resolve_model(model: str | None, models_dir: Path, champion_file: Path, para
         if not record.get("file"):
             raise PredictError(f"{champion_file} names no champion (no model had validation metrics): pass --model")
         return Path(record["file"])
-    if Path(model).suffix in (".pt", ".joblib"):
+    if Path(model).suffix in (".pt", ".joblib", ".json"):
         return Path(model)
+    if model == ensemble.NAME:   # the evaluate stage writes it beside champion.json
+        return champion_file.with_name(ensemble.FILE)
     known = deep_models(models_dir, [model], training_seeds(params), "classification") \
         + [m for m in classical_models(models_dir) if m.name == model]
     if not known:
@@ -133,7 +139,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="+", type=Path, help="image files or folders")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", help="model name (as in metrics/evaluate.json) or a .pt/.joblib file")
+    source.add_argument("--model", help="model name (as in metrics/evaluate.json) or a .pt/.joblib/.json file")
     source.add_argument("--model-uri", help="an MLflow model URI, e.g. models:/medpipe-busi-svm@champion")
     parser.add_argument("--params", type=Path, default=Path(config.PARAMS_FILE))
     parser.add_argument("--models-dir", type=Path, default=Path("models"))

@@ -4,7 +4,9 @@ Where the training stages put them (paths in ``dvc.yaml``):
 - ``models/<model>/seed<k>/model.pt``: a deep classifier (:class:`TorchClassifier`) or a U-Net
   (:class:`UNetSegmenter`), one per training seed, with ``validation.json`` beside it;
 - ``models/classical/<model>.joblib``: the classical classifiers, with ``validation.json`` in the folder;
-- ``models/pixel_classifier/model.joblib``: the classical segmenter, with ``validation.json``.
+- ``models/pixel_classifier/model.joblib``: the classical segmenter, with ``validation.json``;
+- ``reports/evaluate/ensemble.json``: the ``evaluate`` stage's soft vote, its member files and weights
+  (:class:`SoftVoteClassifier`).
 
 Classifiers give ``predict_proba(images uint8 (N, H, W, 3)) -> (N, C)`` and ``class_names``;
 segmenters ``predict_proba -> (N, H, W)`` and ``predict_masks(images, cleanup)``.
@@ -73,11 +75,40 @@ def pixel_classifier(models_dir: Path) -> list[ModelFile]:
     return [ModelFile("pixel_classifier", None, path, "segmentation")] if path.is_file() else []
 
 
+@dataclass(frozen=True)
+class SoftVoteClassifier:
+    """The weighted mean of its members' probabilities (the ``evaluate`` stage's ensemble)."""
+
+    members: tuple[tuple[Any, float], ...]   # (classifier, weight > 0)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return tuple(self.members[0][0].class_names)
+
+    def predict_proba(self, images):
+        total = sum(w for _, w in self.members)
+        return sum(w / total * model.predict_proba(images) for model, w in self.members)
+
+    @classmethod
+    def load(cls, path: Path) -> SoftVoteClassifier:
+        """From ``{"members": [{"file": ..., "weight": ...}, ...]}``; member paths relative to the working folder."""
+        members = [(m["file"], float(m["weight"])) for m in read_json(path).get("members", []) if m["weight"] > 0]
+        if not members:
+            raise ModelLoadError(f"{path}: an ensemble file with no member of positive weight")
+        loaded = tuple((load_model(file), weight) for file, weight in members)
+        names = {tuple(model.class_names) for model, _ in loaded}
+        if len(names) > 1:
+            raise ModelLoadError(f"{path}: the members predict different classes {sorted(names)}")
+        return cls(loaded)
+
+
 def load_any(path: str | Path) -> Any:
-    """A classifier or segmenter from its ``.pt`` checkpoint or ``.joblib`` file."""
+    """A classifier or segmenter from its ``.pt`` checkpoint or ``.joblib`` file, or an ensemble's ``.json``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model file {path} does not exist: run the training stages (dvc repro)")
+    if path.suffix == ".json":
+        return SoftVoteClassifier.load(path)
     if path.suffix == ".pt":
         from medpipe.training.checkpoint import load_checkpoint
 
@@ -95,7 +126,7 @@ def load_any(path: str | Path) -> Any:
         if not hasattr(model, "predict_proba"):
             raise ModelLoadError(f"{path}: the loaded object has no 'predict_proba'")
         return model
-    raise ModelLoadError(f"{path}: unknown model file type {path.suffix!r}; expected .pt or .joblib")
+    raise ModelLoadError(f"{path}: unknown model file type {path.suffix!r}; expected .pt, .joblib or .json")
 
 
 def load_model(path: str | Path) -> Any:

@@ -22,10 +22,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+import numpy as np
+
 from medpipe import cli
 from medpipe.errors import UserError
 from medpipe.evaluation.compare import (
-    WITHIN_NOISE, Comparison, Predictions, compare, load_predictions, point_estimates, same_test_split,
+    WITHIN_NOISE,
+    Comparison,
+    Predictions,
+    compare,
+    load_predictions,
+    point_estimates,
+    same_test_split,
 )
 
 PREDICTIONS_DIR = Path("reports/predictions")
@@ -133,6 +141,17 @@ def _unpaired(base: Predictions, head: Predictions) -> tuple[Comparison, ...]:
     return tuple(Comparison(m, a[m], b[m], b[m] - a[m], nan, nan, "n/a") for m in a)
 
 
+def identical(base: Predictions, head: Predictions) -> bool:
+    """The same predictions for every image and seed: nothing about this model changed."""
+    if (base.kind, base.seeds) != (head.kind, head.seeds) or not same_test_split(base, head):
+        return False
+    if (base.proba is None) != (head.proba is None) or set(base.scores) != set(head.scores):
+        return False
+    arrays = [(base.proba, head.proba)] if base.proba is not None else []
+    arrays += [(base.scores[m], head.scores[m]) for m in base.scores]
+    return all(np.array_equal(a, b, equal_nan=True) for a, b in arrays)
+
+
 def compare_model(model: str, base: Predictions, head: Predictions, settings: Settings) -> ModelResult:
     """Paired verdicts on the headline metrics if both sides share the test images, else unpaired values."""
     if not same_test_split(base, head):
@@ -182,7 +201,7 @@ def verdict_section(
     lines = ["## Model verdicts", ""]
     if not head_models and not base_models:
         return lines + [f"No prediction files in `{directory}/` (the `evaluate` stage writes them).", ""]
-    results = []
+    results, unchanged = [], []
     for model in sorted(set(head_models) & set(base_models)):
         path = directory / f"{model}.csv"
         text = read_at_revision(path, base, runner)
@@ -191,8 +210,14 @@ def verdict_section(
                               f"(is its DVC cache fetched? `dvc fetch --rev {base}`)")
         base_pred = load_predictions(text, name=f"{path} at {base}")
         head_pred = load_predictions(predictions_dir / f"{model}.csv")
-        results.append(compare_model(model, base_pred, head_pred, settings))
+        if identical(base_pred, head_pred):
+            unchanged.append(model)
+        else:
+            results.append(compare_model(model, base_pred, head_pred, settings))
     lines += _verdict_body(base, settings, results)
+    if unchanged:
+        lines += ["", "Unchanged (the same prediction for every test image and seed): "
+                  + ", ".join(f"`{m}`" for m in unchanged) + "."]
     lines += [*_added_removed(head_models, base_models), ""]
     return lines
 

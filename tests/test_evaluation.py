@@ -26,7 +26,7 @@ from medpipe.evaluation import calibration, compare, plots
 from medpipe.evaluation.classify import ClassMismatchError
 from medpipe.evaluation.config import EvaluateConfig, TTAConfig
 from medpipe.evaluation.scores import evaluate_with_ci, weighted_metrics
-from medpipe.evaluation.stage import EvaluatePaths, NoModelError, choose_champion, run
+from medpipe.evaluation.stage import EvaluatePaths, NoModelError, choose_champion, run, validation_candidates
 from medpipe.evaluation.tta import predict_proba_tta, tta_views
 from medpipe.predictors import ModelFile
 
@@ -240,7 +240,8 @@ PARAMS = {
     "classical": {"features": ["raw", "histogram"], "models": ["knn", "random_forest"], "n_jobs": 1,
                   "raw": {"size": 8}, "random_forest": {"n_estimators": 7}},
     "segment": {"pixel_classifier": {"n_estimators": 5, "max_depth": 4, "sigma_max": 2.0, "pixels_per_image": 20}},
-    "evaluate": {"bootstrap_resamples": 50, "gradcam_per_class": 1, "grid_images": 2},
+    # the soft vote has tests of its own (test_ensemble.py): here the champion is chosen among hand-set scores
+    "evaluate": {"bootstrap_resamples": 50, "gradcam_per_class": 1, "grid_images": 2, "ensemble": {"enabled": False}},
 }
 HEADLINE_CLASSIFIER_METRICS = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc", "ece")
 TIMING = ("second", "time", "duration", "per_second", "elapsed")
@@ -490,12 +491,13 @@ def test_champion_choice_uses_validation_metrics(tmp_path):
     (tmp_path / "classical/validation.json").write_text(json.dumps({"knn": {"f1_macro": 0.75}}))
     files = [ModelFile(n, 1, tmp_path / n / "seed1/model.pt", "classification") for n in ("a", "b", "c")]
     files.append(ModelFile("knn", None, tmp_path / "classical/knn.joblib", "classification"))
-    name, score, best = choose_champion(files, "f1_macro")
+    name, score, best = choose_champion(validation_candidates(files, "f1_macro"))
     assert (name, score, best.path) == ("b", 0.8, tmp_path / "b/seed1/model.pt")
-    assert choose_champion(files[2:3], "f1_macro") is None  # no validation score: no champion
-    assert choose_champion(files, "accuracy") is None
+    assert choose_champion(validation_candidates(files[2:3], "f1_macro")) is None  # no validation score: no champion
+    assert choose_champion(validation_candidates(files, "accuracy")) is None
     # a tie goes to the first name in sorted order
-    assert choose_champion([files[1], ModelFile("a2", 1, files[1].path, "classification")], "f1_macro")[0] == "a2"
+    tied = [files[1], ModelFile("a2", 1, files[1].path, "classification")]
+    assert choose_champion(validation_candidates(tied, "f1_macro"))[0] == "a2"
     assert EvaluateConfig().champion_metric == "balanced_accuracy"
 
 

@@ -61,12 +61,13 @@ def test_report_gives_paired_verdicts_against_the_base_revision(repo):
     labels = labelled_images()
     predictions = repo / "reports/predictions"
     write_predictions(predictions, cnn=classifier(labels, right_on(140)),
-                      adaboost=classifier(labels, right_on(150)), old=classifier(labels, right_on(100)),
-                      unet=unet(20))
+                      adaboost=classifier(labels, right_on(150)), svm=classifier(labels, right_on(150)),
+                      old=classifier(labels, right_on(100)), unet=unet(20))
     commit_base(repo, predictions)
     (repo / "params.yaml").write_text("evaluate:\n  lr: 0.0001\n")
     (predictions / "old.csv").unlink()
-    write_predictions(predictions, cnn=classifier(labels, right_on(170)),
+    other_150 = (np.arange(200) >= 10) & (np.arange(200) < 160)   # as many right as before, other images
+    write_predictions(predictions, cnn=classifier(labels, right_on(170)), svm=classifier(labels, other_150),
                       new=classifier(labels, right_on(90)),
                       unet=unet(21, shift=0.05))  # one more test image: the split changed
 
@@ -75,13 +76,16 @@ def test_report_gives_paired_verdicts_against_the_base_revision(repo):
     assert "vs `main`" in text
     assert "evaluate.lr" in text and "0.0001" in text  # dvc params diff --md, at the top
     assert text.index("## Parameters changed") < text.index("## Model verdicts")
-    cnn, adaboost = table_rows(text, "cnn"), table_rows(text, "adaboost")
+    cnn, svm = table_rows(text, "cnn"), table_rows(text, "svm")
     assert set(cnn) == {"accuracy", "balanced_accuracy", "f1_macro", "roc_auc", "ece ↓"}
     assert cnn["accuracy"][2:5] == ["0.7000", "0.8500", "+0.1500"]
     assert cnn["accuracy"][6].startswith("**better** (McNemar p = ")
-    assert all(cells[4] == "+0.0000" and cells[6].startswith("within noise") for cells in adaboost.values())
-    assert adaboost["accuracy"][5] == "[+0.0000, +0.0000]"
-    assert text.index("| cnn |") < text.index("| adaboost |")  # a decided verdict comes first
+    assert svm["accuracy"][4] == "+0.0000" and svm["accuracy"][6].startswith("within noise")
+    assert svm["accuracy"][5] != "[+0.0000, +0.0000]"   # other images right: the paired interval has a width
+    assert text.index("| cnn |") < text.index("| svm |")  # a decided verdict comes first
+    # a model whose predictions did not change is one name on one line, not five rows of zeros
+    assert table_rows(text, "adaboost") == {}
+    assert "Unchanged (the same prediction for every test image and seed): `adaboost`." in text
     assert "**Test split changed** for `unet`" in text
     assert table_rows(text, "unet")["dice"][5:] == ["—", "n/a (test split changed)"]
     assert "Added: `new`." in text and "Removed: `old`." in text

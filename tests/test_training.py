@@ -408,6 +408,17 @@ def test_the_stage_trains_with_the_models_own_recipe(data):
     assert (paths.live / "plots" / "metrics" / "lr.tsv").read_text().splitlines()[1:] == ["1\t0.002", "2\t0.002"]
 
 
+@pytest.mark.parametrize(("arch", "side"), [("resnet18", 32), ("cnn_two_conv", 16)])
+def test_an_unset_input_size_follows_the_data_raised_to_the_architectures_minimum(data, arch, side):
+    """16-px data: a ResNet trains at its registry minimum of 32 px, a study CNN at the data's 16 px."""
+    models = {arch: {"arch": arch, "input_size": None, "dropout": 0.0, "train": {"epochs": 1}}}
+    paths = train_paths(data, model=arch)
+    stage.run({**cnn_params(models=models), "classifiers": [arch]}, paths)
+    clf = TorchClassifier.load(paths.out / "model.pt")
+    assert clf.input_size == side and clf.spec["input_size"] == side
+    assert clf.preprocess(ImageSet.load(paths.val).images[:1]).shape == (1, 3, side, side)
+
+
 def test_training_is_deterministic(data, tmp_path):
     """Two folders, same inputs: the same validation metrics and the same weights."""
     first = train_paths(data)

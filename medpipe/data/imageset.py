@@ -82,6 +82,15 @@ class ImageSet:
         return cls(**values)
 
 
+def missing_masks(train: ImageSet, val: ImageSet) -> str | None:
+    """Why a segmenter cannot train on these splits (no masks, or no lesion to learn), else None."""
+    if train.masks is None or val.masks is None:
+        return "skipped: the dataset has no segmentation masks"
+    if not train.masks.any():
+        return "skipped: every training mask is empty: nothing to learn"
+    return None
+
+
 def concatenate(sets: list[ImageSet]) -> ImageSet:
     first = sets[0]
     if any(s.class_names != first.class_names for s in sets):

@@ -27,8 +27,9 @@ class ClassMismatchError(UserError, ValueError):
 
 @dataclass(frozen=True)
 class ClassifierScore:
-    proba: np.ndarray          # (N, C) test probabilities
-    details: dict[str, Any]    # every metric with its interval; calibration; TTA
+    proba: np.ndarray               # (N, C) test probabilities
+    details: dict[str, Any]         # every metric with its interval; calibration; TTA
+    val_proba: np.ndarray | None    # (N_val, C) validation probabilities, when the validation split was given
 
 
 def check_classes(model: Any, mf: ModelFile, data: ImageSet, proba: np.ndarray) -> None:
@@ -40,10 +41,10 @@ def check_classes(model: Any, mf: ModelFile, data: ImageSet, proba: np.ndarray) 
         )
 
 
-def temperature_scaled(model: Any, val: ImageSet, proba: np.ndarray, y: np.ndarray, names, ci: dict) -> dict:
+def temperature_scaled(val_proba: np.ndarray, val_labels: np.ndarray, proba: np.ndarray, y: np.ndarray, names,
+                       ci: dict) -> dict:
     """ECE and log loss after temperature scaling fitted on the validation split (and the temperature)."""
-    val_proba = np.asarray(model.predict_proba(val.images), dtype=np.float64)
-    temperature = calibration.fit_temperature(val_proba, val.labels)
+    temperature = calibration.fit_temperature(val_proba, val_labels)
     after = evaluate_with_ci(y, calibration.apply_temperature(proba, temperature), names, **ci)
     out = {"temperature": round(temperature, 6)}
     for key in ("ece", "log_loss"):
@@ -72,7 +73,10 @@ def write_plots(out: dict[str, Path], mf: ModelFile, model: Any, test: ImageSet,
 
 def score_classifier(model: Any, mf: ModelFile, test: ImageSet, val: ImageSet | None, cfg: EvaluateConfig,
                      seed: int, out: dict[str, Path] | None) -> ClassifierScore:
-    """Metrics (plain, temperature-scaled calibration, TTA) of one model; its plots when ``out`` is given."""
+    """Metrics (plain, temperature-scaled calibration, TTA) of one model; its plots when ``out`` is given.
+
+    ``val``: the validation split, predicted too (temperature scaling, the ensemble's weights), or None.
+    """
     ci = {"resamples": cfg.bootstrap_resamples, "confidence": cfg.confidence, "seed": cfg.bootstrap_seed,
           "ece_bins": cfg.ece_bins}
     start = time.perf_counter()
@@ -81,13 +85,15 @@ def score_classifier(model: Any, mf: ModelFile, test: ImageSet, val: ImageSet | 
     log.info("%s: %d test images in %.2f s", mf.name, len(test), time.perf_counter() - start)
     y = test.labels
     details = evaluate_with_ci(y, proba, test.class_names, **ci)
-    scaled = None
+    scaled, val_proba = None, None
     if val is not None:
-        details.update(temperature_scaled(model, val, proba, y, test.class_names, ci))
+        val_proba = np.asarray(model.predict_proba(val.images), dtype=np.float64)
+    if val_proba is not None and cfg.temperature_scaling:
+        details.update(temperature_scaled(val_proba, val.labels, proba, y, test.class_names, ci))
         scaled = calibration.apply_temperature(proba, details["temperature"])
     if mf.is_deep and cfg.tta.enabled:
         details["tta"] = evaluate_with_ci(y, predict_proba_tta(model, test.images, cfg.tta, seed), test.class_names,
                                           **ci)
     if out is not None:
         write_plots(out, mf, model, test, proba, cfg, seed, scaled)
-    return ClassifierScore(proba, details)
+    return ClassifierScore(proba, details, val_proba)

@@ -19,6 +19,14 @@ class TTAConfig(Strict):
     noise_std: float = Field(0.02, ge=0, le=0.5)  # on the 0-1 intensity scale
 
 
+class EnsembleConfig(Strict):
+    """The soft vote of all classifiers (medpipe/evaluation/ensemble.py), chosen on the validation split."""
+
+    enabled: bool = True
+    rounds: int = Field(25, ge=1, le=1000)   # greedy selection rounds (with replacement): weights in 1/rounds steps
+    folds: int = Field(5, ge=2, le=20)       # cross-fitting folds of the validation score that competes for champion
+
+
 class EvaluateConfig(Strict):
     bootstrap_resamples: int = Field(1000, ge=0, le=100_000)  # 0 = no confidence intervals
     grid_images: int = Field(12, ge=0, le=100)  # test images in each segmenter's contour figure
@@ -27,6 +35,7 @@ class EvaluateConfig(Strict):
     ece_bins: int = Field(15, ge=2, le=100)
     temperature_scaling: bool = True   # fit T on the validation split, report calibration before/after
     tta: TTAConfig = TTAConfig()
+    ensemble: EnsembleConfig = EnsembleConfig()
     champion_metric: ValidationMetric = "balanced_accuracy"  # validation metric that picks the champion
     gradcam: bool = True
     gradcam_per_class: int = Field(3, ge=0, le=20)  # test images per class in the Grad-CAM figure

@@ -7,7 +7,8 @@ Outputs (paths from ``dvc.yaml``):
 - ``reports/predictions/<model>.csv``: every test prediction of every seed (the paired verdicts and
   ``medpipe-report`` work on these, and every headline number can be recomputed from them);
 - ``reports/evaluate/``: ``details.json`` (per seed and class, bootstrap intervals, TTA, calibration,
-  mean and std over seeds), ``champion.json``, figures and Grad-CAM PNGs;
+  mean and std over seeds), ``champion.json``, ``ensemble.json`` (the soft vote's member files and
+  weights, a model file for ``medpipe-predict``), figures and Grad-CAM PNGs;
 - ``metrics/summary.md``: the tables for people, with each model's verdict against the champion;
 - ``plots/evaluate/{confusion,roc,pr,calibration}/<model>.csv``: DVC plot data (first seed).
 """
@@ -26,11 +27,12 @@ import numpy as np
 
 from medpipe import config, tracking
 from medpipe.data.imageset import ImageSet
-from medpipe.evaluation import compare
+from medpipe.errors import UserError
+from medpipe.evaluation import compare, ensemble
 from medpipe.evaluation.classify import score_classifier
 from medpipe.evaluation.config import EvaluateConfig
+from medpipe.evaluation.scores import evaluate_with_ci
 from medpipe.evaluation.summary import markdown_summary
-from medpipe.errors import UserError
 from medpipe.io import atomic_dir, atomic_path, write_json
 from medpipe.predictors import ModelFile, classical_models, deep_models, load_any, pixel_classifier
 from medpipe.segmentation.config import SegmentConfig
@@ -59,6 +61,9 @@ class EvaluatePaths:
 def selected_models(params: dict, models_dir: Path) -> list[ModelFile]:
     """The model files of the models and seeds params.yaml selects (stale folders are ignored)."""
     seeds = config.training_seeds(params)
+    if ensemble.NAME in (params.get("classifiers") or []):
+        raise config.ParamsError(f"classifiers: {ensemble.NAME!r} is the evaluate stage's soft vote of all "
+                                 f"classifiers; give the model in `models` another name")
     files = deep_models(models_dir, list(params.get("classifiers") or []), seeds, "classification")
     files += classical_models(models_dir)
     files += deep_models(models_dir, list(params.get("segmenters") or []), seeds, "segmentation")
@@ -86,21 +91,77 @@ def mean_std(per_seed: list[dict[str, Any]]) -> tuple[dict[str, float | None], d
     return mean, std
 
 
+@dataclass(frozen=True)
+class Member:
+    """One classifier's files and probabilities per training seed (key None: a classical model, trained once)."""
+
+    files: dict[int | None, ModelFile]
+    val: dict[int | None, np.ndarray]
+    test: dict[int | None, np.ndarray]
+
+    def at(self, seed: int | None) -> int | None | bool:
+        """The key that serves training ``seed`` (its own, or None for a model trained once); False if none."""
+        return seed if seed in self.test else None if None in self.test else False
+
+
 def evaluate_classifier(files: list[ModelFile], test: ImageSet, val: ImageSet | None, cfg: EvaluateConfig,
-                        seed: int, out: dict[str, Path]) -> tuple[compare.Predictions, dict[str, Any]]:
+                        seed: int, out: dict[str, Path]) -> tuple[compare.Predictions, dict[str, Any], Member]:
     """Every seed of one classifier: predictions, per-seed details, and plots/figures of the first seed."""
-    probas, details = [], {}
+    scored = []
     for k, mf in enumerate(files):
         log.info("evaluating %s (%s)", mf.name, mf.path)
-        result = score_classifier(load_any(mf.path), mf, test, val, cfg, seed, out if k == 0 else None)
-        probas.append(result.proba)
-        details[str(mf.seed) if mf.seed is not None else "-"] = result.details
+        scored.append(score_classifier(load_any(mf.path), mf, test, val, cfg, seed, out if k == 0 else None))
     predictions = compare.Predictions(
         kind=compare.CLASSIFIER, seeds=tuple(f.seed if f.seed is not None else seed for f in files),
         images=np.arange(len(test)), sources=tuple(str(s) for s in test.source_ids), labels=test.labels,
-        class_names=test.class_names, proba=np.stack(probas),
+        class_names=test.class_names, proba=np.stack([r.proba for r in scored]),
     )
-    return predictions, details
+    details = {str(mf.seed) if mf.seed is not None else "-": r.details for mf, r in zip(files, scored, strict=True)}
+    member = Member({mf.seed: mf for mf in files}, {mf.seed: r.val_proba for mf, r in zip(files, scored, strict=True)},
+                    {mf.seed: r.proba for mf, r in zip(files, scored, strict=True)})
+    return predictions, details, member
+
+
+@dataclass(frozen=True)
+class Vote:
+    """The ensemble of one training seed: its soft vote and the member files it weighs."""
+
+    seed: int
+    vote: ensemble.SoftVote
+    files: dict[str, ModelFile]
+
+    def record(self, metric: str) -> dict[str, Any]:
+        """What ``ensemble.json`` holds: a model file for ``medpipe-predict`` (members of positive weight)."""
+        return {"model": ensemble.NAME, "seed": self.seed, "selected_on": f"validation {metric}",
+                "validation_cross_fitted": round(self.vote.validation_score, 6),
+                "validation_in_sample": round(self.vote.validation_in_sample, 6),
+                "members": [{"model": name, "file": str(self.files[name].path), "weight": weight}
+                            for name, weight in self.vote.weights.items() if weight > 0]}
+
+
+def evaluate_ensemble(members: dict[str, Member], val: ImageSet, test: ImageSet, cfg: EvaluateConfig,
+                      seed: int) -> tuple[compare.Predictions, dict[str, Any], list[Vote]]:
+    """The soft vote of every classifier, once per training seed, weights chosen on the validation split."""
+    seeds = sorted({s for m in members.values() for s in m.test if s is not None}) or [None]
+    probas, votes, details = [], [], {}
+    for s in seeds:
+        keys = {name: m.at(s) for name, m in members.items() if m.at(s) is not False}
+        vote = ensemble.soft_vote({n: members[n].val[k] for n, k in keys.items()}, val.labels, cfg.champion_metric,
+                                  cfg.ensemble.rounds, cfg.ensemble.folds, seed)
+        probas.append(vote.predict({n: members[n].test[k] for n, k in keys.items()}))
+        votes.append(Vote(s if s is not None else seed, vote, {n: members[n].files[k] for n, k in keys.items()}))
+        details[str(votes[-1].seed)] = {
+            **evaluate_with_ci(test.labels, probas[-1], test.class_names, resamples=cfg.bootstrap_resamples,
+                               confidence=cfg.confidence, seed=cfg.bootstrap_seed, ece_bins=cfg.ece_bins),
+            "weights": vote.weights, f"validation_{cfg.champion_metric}_cross_fitted": vote.validation_score,
+            f"validation_{cfg.champion_metric}_in_sample": vote.validation_in_sample,
+        }
+    predictions = compare.Predictions(
+        kind=compare.CLASSIFIER, seeds=tuple(v.seed for v in votes), images=np.arange(len(test)),
+        sources=tuple(str(s) for s in test.source_ids), labels=test.labels, class_names=test.class_names,
+        proba=np.stack(probas),
+    )
+    return predictions, details, votes
 
 
 def evaluate_segmenter(files: list[ModelFile], test: ImageSet, cleanup, seed: int, grid_images: int,
@@ -144,44 +205,55 @@ def rounded(values: dict[str, float]) -> dict[str, float | None]:
     return {k: None if v is None or not math.isfinite(v) else round(float(v), 4) for k, v in values.items()}
 
 
-def choose_champion(files: list[ModelFile], metric: str) -> tuple[str, float, ModelFile] | None:
-    """The classifier with the best mean validation ``metric`` over its seeds, and its best seed's file.
+Candidate = ModelFile | Vote   # what can become champion: one trained model, or the ensemble of one seed
 
-    Validation only, never the test split, so the test scores stay an unbiased estimate for the chosen
-    model too. Ties go to the first name in sorted order.
-    """
-    scores: dict[str, list[tuple[float, ModelFile]]] = defaultdict(list)
+
+def validation_candidates(files: list[ModelFile], metric: str) -> dict[str, list[tuple[float, Candidate]]]:
+    """{model: [(validation ``metric`` of one seed, its file), ...]} from the training stages' validation.json."""
+    scores: dict[str, list[tuple[float, Candidate]]] = defaultdict(list)
     for mf in files:
         value = mf.validation().get(metric)
         if isinstance(value, int | float) and math.isfinite(value):
             scores[mf.name].append((float(value), mf))
         else:
             log.warning("no validation %s for %s: it cannot become champion", metric, mf.path)
-    if not scores:
+    return dict(scores)
+
+
+def choose_champion(candidates: dict[str, list[tuple[float, Candidate]]]) -> tuple[str, float, Candidate] | None:
+    """The model with the best mean validation score over its seeds, and its best seed.
+
+    Validation only, never the test split, so the test scores stay an unbiased estimate for the chosen
+    model too (the ensemble competes with its cross-fitted score). Ties go to the first name in sorted order.
+    """
+    if not candidates:
         return None
-    means = {name: float(np.mean([v for v, _ in entries])) for name, entries in scores.items()}
+    means = {name: float(np.mean([v for v, _ in entries])) for name, entries in candidates.items()}
     best = min(sorted(means), key=lambda name: -means[name])
-    best_file = max(scores[best], key=lambda entry: entry[0])[1]
-    return best, means[best], best_file
+    return best, means[best], max(candidates[best], key=lambda entry: entry[0])[1]
 
 
-def crown(champion: tuple[str, float, ModelFile] | None, metric: str) -> dict[str, Any]:
+def crown(champion: tuple[str, float, Candidate] | None, metric: str, ensemble_file: Path) -> dict[str, Any]:
     if champion is None:
         log.warning("no classifier has a validation %s: no champion chosen", metric)
         return {}
-    name, score, mf = champion
-    record = {"model": name, "seed": mf.seed, "file": str(mf.path), "selected_by": f"mean validation {metric}",
+    name, score, chosen = champion
+    log.info("champion: %s (mean validation %s = %.4f)", name, metric, score)
+    if isinstance(chosen, Vote):
+        return {"model": name, "seed": chosen.seed, "file": str(ensemble_file),
+                "selected_by": f"mean cross-fitted validation {metric}", "validation_score": round(score, 6),
+                "alias_set": False, "reason": "an ensemble is no single registered model: its file lists the members"}
+    record = {"model": name, "seed": chosen.seed, "file": str(chosen.path), "selected_by": f"mean validation {metric}",
               "validation_score": round(score, 6)}
     try:
-        alias = tracking.set_champion(mf.path)
+        alias = tracking.set_champion(chosen.path)
         log.info("MLflow champion alias: %s", alias)
         # champion.json is a cached output: it names the alias, never the store's run id or version number,
         # which differ from store to store and from run to run
         record.update({k: alias[k] for k in ("alias_set", "registered_model", "champion_uri", "reason") if k in alias})
     except Exception as err:  # the registry is a convenience: evaluation results stand without it
-        log.warning("could not set the MLflow champion alias for %s: %s", mf.path, err)
+        log.warning("could not set the MLflow champion alias for %s: %s", chosen.path, err)
         record["alias_set"] = False
-    log.info("champion: %s (mean validation %s = %.4f)", name, metric, score)
     return record
 
 
@@ -192,30 +264,37 @@ def run(params: dict, paths: EvaluatePaths) -> dict[str, Any]:
     config.seed_everything(seed)
     files = selected_models(params, paths.models)
     test = ImageSet.load(paths.test)
-    val = ImageSet.load(paths.val) if cfg.temperature_scaling else None
-    groups = by_name(files)
+    val = ImageSet.load(paths.val) if cfg.temperature_scaling or cfg.ensemble.enabled else None
     predictions: dict[str, compare.Predictions] = {}
     details: dict[str, Any] = {}
+    members: dict[str, Member] = {}
     with atomic_dir(paths.details) as det, atomic_dir(paths.predictions) as pred_dir, \
             atomic_dir(paths.plots) as plot_dir:
         out = {kind: plot_dir / kind for kind in PLOT_KINDS} | {"figures": det / "figures", "gradcam": det / "gradcam"}
         for folder in out.values():
             folder.mkdir(parents=True, exist_ok=True)
-        for name, group in groups.items():
+        for name, group in by_name(files).items():
             if group[0].task == "classification":
-                predictions[name], by_seed = evaluate_classifier(group, test, val, cfg, seed, out)
-                extra = {"seeds": by_seed}
+                predictions[name], by_seed, members[name] = evaluate_classifier(group, test, val, cfg, seed, out)
+                details[name] = {"seeds": by_seed}
             else:
                 predictions[name], images = evaluate_segmenter(group, test, cleanup, seed, cfg.grid_images,
                                                                out["figures"])
-                extra = {"test_images": images}
-            per_seed = per_seed_headline(predictions[name], cfg.ece_bins)
+                details[name] = {"test_images": images}
+        candidates = validation_candidates([f for f in files if f.task == "classification"], cfg.champion_metric)
+        if cfg.ensemble.enabled and val is not None and len(members) > 1:
+            predictions[ensemble.NAME], by_seed, votes = evaluate_ensemble(members, val, test, cfg, seed)
+            details[ensemble.NAME] = {"seeds": by_seed}
+            candidates[ensemble.NAME] = [(v.vote.validation_score, v) for v in votes]
+            best_vote = max(votes, key=lambda v: v.vote.validation_score)
+            write_json(det / ensemble.FILE, best_vote.record(cfg.champion_metric))
+        for name, p in predictions.items():
+            per_seed = per_seed_headline(p, cfg.ece_bins)
             mean, std = mean_std(per_seed)
-            details[name] = {**extra, "headline_per_seed": per_seed, "mean": mean, "std": std}
+            details[name].update({"headline_per_seed": per_seed, "mean": mean, "std": std})
             with atomic_path(pred_dir / f"{name}.csv") as tmp:
-                tmp.write_text(compare.to_csv(predictions[name]))
-        champion = crown(choose_champion([f for f in files if f.task == "classification"], cfg.champion_metric),
-                         cfg.champion_metric)
+                tmp.write_text(compare.to_csv(p))
+        champion = crown(choose_champion(candidates), cfg.champion_metric, paths.details / ensemble.FILE)
         verdicts = champion_verdicts(predictions, champion, cfg)
         headline = headline_metrics(predictions, champion, cfg)
         write_json(det / "details.json", details)

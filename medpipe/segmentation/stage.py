@@ -16,7 +16,7 @@ import joblib
 import numpy as np
 
 from medpipe import config, tracking
-from medpipe.data.imageset import ImageSet
+from medpipe.data.imageset import ImageSet, missing_masks
 from medpipe.io import atomic_dir, atomic_path, write_json
 from medpipe.segmentation.config import SegmentConfig
 from medpipe.segmentation.metrics import per_image_scores
@@ -32,15 +32,6 @@ class PixelClassifierPaths:
     train: Path    # data/processed/<segment.train_set>.npz
     val: Path      # data/processed/val.npz
     out: Path      # models/pixel_classifier/
-
-
-def missing_masks_reason(train: ImageSet, val: ImageSet) -> str | None:
-    """Why the dataset cannot be segmented, or None when both splits have masks and training has a lesion."""
-    if train.masks is None or val.masks is None:
-        return "skipped: the dataset has no segmentation masks"
-    if not train.masks.any():
-        return "skipped: every training mask is empty: nothing to learn"
-    return None
 
 
 def validation_scores(masks: np.ndarray, pred: np.ndarray) -> dict[str, float | None]:
@@ -60,7 +51,7 @@ def run(params: dict, paths: PixelClassifierPaths) -> dict:
     dataset = config.dataset_name(params)
     seed = config.global_seed(params)
     train, val = ImageSet.load(paths.train), ImageSet.load(paths.val)
-    reason = missing_masks_reason(train, val)
+    reason = missing_masks(train, val)
     with atomic_dir(paths.out) as out:
         if reason:
             log.warning("%s: %s", MODEL_NAME, reason)

@@ -19,7 +19,7 @@ from medpipe import config
 from medpipe.data.imageset import ImageSet
 from medpipe.metrics import classification_metrics
 from medpipe.models.factory import build_classifier
-from medpipe.models.registry import input_normalization
+from medpipe.models.registry import default_input_size, input_normalization
 from medpipe.training.config import ClassifierSpec, TrainConfig, UnfreezeConfig
 from medpipe.training.data import ArrayBatches, class_weights
 from medpipe.training.loop import FitResult, fit, predict_batches, world
@@ -80,7 +80,7 @@ def train_classifier(
     """Train one classifier; the returned classifier holds the best-by-validation weights."""
     config.seed_everything(seed, deterministic=cfg.deterministic)
     num_classes = len(train.class_names)
-    input_size = spec.input_size or train.image_size
+    input_size = spec.input_size or default_input_size(spec.arch, train.image_size)
     pretrained = spec.pretrained
     if pretrained:
         mean, std = input_normalization(spec.arch, spec.weights)

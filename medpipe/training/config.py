@@ -111,7 +111,8 @@ class ModelSpec(Strict):
     """
 
     arch: str
-    input_size: int | None = Field(None, ge=8, le=1024)   # resize inputs to this side; None = data size
+    input_size: int | None = Field(None, ge=8, le=1024)   # resize inputs to this side; None = the data's size,
+    #                                  raised to the architecture's minimum (medpipe.models.default_input_size)
     lr_factor: float = Field(1.0, gt=0)
     train: dict[str, Any] = {}
 

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from medpipe import config, tracking
+from medpipe.data import imageset
 from medpipe.data.imageset import ImageSet
 from medpipe.errors import UserError
 from medpipe.io import atomic_dir, read_json, write_json
@@ -110,9 +111,8 @@ def fit_model(name: str, spec: ModelSpec, cfg: TrainConfig, splits: tuple[ImageS
     """Train a classifier or a U-Net; returns the predictor (best weights) and the fit result."""
     train, val, norm = splits
     if isinstance(spec, UNetSpec):
-        from medpipe.segmentation.train import train_unet
         from medpipe.segmentation.predictor import UNetSegmenter
-        from medpipe.segmentation.train import batch_dice, input_normalization
+        from medpipe.segmentation.train import batch_dice, input_normalization, train_unet
 
         config.seed_everything(seed, deterministic=cfg.deterministic)
         model, result = train_unet(train.images, train.masks, val.images, val.masks, spec, cfg, norm["mean"],
@@ -127,14 +127,8 @@ def fit_model(name: str, spec: ModelSpec, cfg: TrainConfig, splits: tuple[ImageS
 
 
 def missing_masks(spec: ModelSpec, train: ImageSet, val: ImageSet) -> str | None:
-    """Why a segmenter cannot train on this dataset (no masks, or no lesion to learn), else None."""
-    if not isinstance(spec, UNetSpec):
-        return None
-    if train.masks is None or val.masks is None:
-        return "skipped: the dataset has no segmentation masks"
-    if not train.masks.any():
-        return "skipped: every training mask is empty: nothing to learn"
-    return None
+    """Why a segmenter cannot train on this dataset (no masks, or no lesion to learn); None for classifiers."""
+    return imageset.missing_masks(train, val) if isinstance(spec, UNetSpec) else None
 
 
 def torchrun_worker() -> bool:

@@ -1,0 +1,135 @@
+"""The soft-vote ensemble: selection on validation only, an honest (cross-fitted) score, the evaluate row."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_evaluation import (
+    PARAMS,
+    classifier_rows,
+    params,
+    paths,
+    set_validation,
+    sklearn_metrics,
+    trained,  # noqa: F401  (the tiny trained models, a module fixture)
+)
+
+from medpipe import predict
+from medpipe.data.imageset import ImageSet
+from medpipe.evaluation import ensemble
+from medpipe.predictors import SoftVoteClassifier, load_any, load_model
+
+
+def one_hot_ish(labels: np.ndarray, right: np.ndarray, confident: float, classes: int = 3) -> np.ndarray:
+    """Probabilities that put ``confident`` on the true class where ``right``, else on the next class, and
+    share the rest evenly."""
+    n = len(labels)
+    target = np.where(right, labels, (labels + 1) % classes)
+    proba = np.full((n, classes), (1 - confident) / (classes - 1))
+    proba[np.arange(n), target] = confident
+    return proba
+
+
+def test_a_perfect_member_takes_all_the_weight():
+    labels = np.arange(60) % 3
+    rng = np.random.default_rng(0)
+    candidates = {"perfect": one_hot_ish(labels, np.ones(60, bool), 0.9),
+                  "noise": rng.dirichlet(np.ones(3), size=60)}
+    assert ensemble.select(candidates, labels, "accuracy", rounds=10) == {"noise": 0.0, "perfect": 1.0}
+
+
+def test_complementary_members_are_combined_and_beat_each_alone():
+    """a is right and sure on the first 60 images, unsure and wrong on the rest; b the mirror image."""
+    labels = np.arange(100) % 3
+    first = np.arange(100) < 60
+    a = np.where(first[:, None], one_hot_ish(labels, first, 0.9), one_hot_ish(labels, first, 0.4))
+    b = np.where(first[:, None], one_hot_ish(labels, ~first, 0.4), one_hot_ish(labels, ~first, 0.9))
+    vote = ensemble.soft_vote({"a": a, "b": b}, labels, "accuracy", rounds=10, folds=5, seed=0)
+    assert vote.weights["a"] > 0 and vote.weights["b"] > 0 and sum(vote.weights.values()) == pytest.approx(1)
+    assert vote.validation_in_sample == 1.0 and vote.validation_score == 1.0
+    assert ensemble.score(labels, a, "accuracy") == pytest.approx(0.6)
+    np.testing.assert_allclose(vote.predict({"a": a, "b": b}),
+                               vote.weights["a"] * a + vote.weights["b"] * b, atol=1e-12)
+
+
+def test_the_cross_fitted_score_is_not_fooled_by_members_that_fit_noise():
+    """Twenty random members on random labels: picking among them flatters the in-sample score only."""
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 3, size=120)
+    candidates = {f"m{k}": rng.dirichlet(np.ones(3), size=120) for k in range(20)}
+    vote = ensemble.soft_vote(candidates, labels, "accuracy", rounds=15, folds=5, seed=0)
+    assert vote.validation_in_sample > 0.45           # chance is 1/3
+    assert abs(vote.validation_score - 1 / 3) < 0.1
+    assert vote.validation_score < vote.validation_in_sample - 0.1
+
+
+# -- in the evaluate stage, on the tiny trained models of test_evaluation ---------------------------------
+
+@pytest.fixture(scope="module")
+def voted(trained, tmp_path_factory):  # noqa: F811  (the fixture imported above)
+    """The evaluate stage with the ensemble on, every single model's validation score set to 0."""
+    from medpipe.evaluation.stage import run
+
+    root = tmp_path_factory.mktemp("voted")
+    shutil.copytree(trained / "models", root / "models")
+    for split in ("train", "val", "test"):
+        shutil.copy(trained / f"{split}.npz", root / f"{split}.npz")
+    set_validation(root, {("cnn_a", 1): 0.0, ("cnn_a", 2): 0.0, ("cnn_b", 1): 0.0, ("cnn_b", 2): 0.0,
+                          "knn": 0.0, "random_forest": 0.0})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MEDPIPE_TRACKING", "off")
+        mp.chdir(root)   # member files are recorded as the stage sees them
+        headline = run(params(evaluate={"ensemble": {"enabled": True}}), paths(Path(".")))
+    return root, headline
+
+
+def test_the_ensemble_is_a_headline_row_recomputable_from_its_predictions(voted):
+    root, headline = voted
+    test = ImageSet.load(root / "test.npz")
+    metrics = headline["classifiers"][ensemble.NAME]
+    names, by_seed = classifier_rows(root / f"reports/predictions/{ensemble.NAME}.csv")
+    assert sorted(by_seed) == PARAMS["seeds"]  # one vote per training seed
+    per_seed = [sklearn_metrics(y, proba, 15) for y, proba in by_seed.values()]
+    for metric, value in metrics.items():
+        assert value == pytest.approx(float(np.mean([m[metric] for m in per_seed])), abs=1e-4), metric
+    details = json.loads((root / "reports/evaluate/details.json").read_text())[ensemble.NAME]
+    for record in details["seeds"].values():
+        assert set(record["weights"]) == {"cnn_a", "cnn_b", "knn", "random_forest"}
+        assert sum(record["weights"].values()) == pytest.approx(1)
+    assert "`ensemble`" in (root / "metrics/summary.md").read_text()
+    assert names == test.class_names
+
+
+def test_the_ensemble_can_be_champion_and_medpipe_predict_serves_it(voted, monkeypatch):
+    root, headline = voted
+    monkeypatch.chdir(root)   # medpipe-predict runs where dvc repro ran
+    champion = json.loads((root / "reports/evaluate/champion.json").read_text())
+    record = json.loads((root / "reports/evaluate/ensemble.json").read_text())
+    assert champion["model"] == ensemble.NAME and champion["selected_by"].startswith("mean cross-fitted")
+    assert headline["champion"]["model"] == ensemble.NAME
+    assert champion["seed"] == record["seed"] and champion["file"] == "reports/evaluate/ensemble.json"
+    assert all(m["weight"] > 0 for m in record["members"])
+
+    test = ImageSet.load(root / "test.npz")
+    model = load_model(predict.resolve_model(None, Path("models"), Path("reports/evaluate/champion.json"), PARAMS))
+    assert isinstance(model, SoftVoteClassifier) and model.class_names == test.class_names
+    _, by_seed = classifier_rows(root / f"reports/predictions/{ensemble.NAME}.csv")
+    np.testing.assert_allclose(model.predict_proba(test.images), by_seed[record["seed"]][1], atol=1e-5)
+
+
+def test_an_ensemble_file_without_members_is_refused(tmp_path):
+    (tmp_path / "ensemble.json").write_text(json.dumps({"members": []}))
+    with pytest.raises(ValueError, match="no member of positive weight"):
+        load_any(tmp_path / "ensemble.json")
+
+
+def test_a_model_may_not_be_called_ensemble(tmp_path):
+    from medpipe.config import ParamsError
+    from medpipe.evaluation.stage import run
+
+    with pytest.raises(ParamsError, match="classifiers: 'ensemble' is the evaluate stage's soft vote"):
+        run(params(classifiers=["cnn_a", "ensemble"]), paths(tmp_path))
