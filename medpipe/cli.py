@@ -1,15 +1,18 @@
-"""What every stage script and command shares: logging set-up and a clean exit on a user-facing error."""
+"""What every stage script and command shares: logging set-up, a clean exit on a user-facing error, and
+SIGTERM unwinding like Ctrl-C."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import logging
+import signal
 import sys
+import threading
 import typing
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from medpipe import config
 from medpipe.errors import UserError
@@ -17,9 +20,17 @@ from medpipe.errors import UserError
 P = TypeVar("P")
 
 
+def exit_on_sigterm(signum: int, _frame: Any) -> None:
+    """SIGTERM (``dvc queue kill``, a CI timeout, torchrun stopping its other ranks) unwinds like Ctrl-C, so
+    every atomic write removes its temporary output instead of leaving it inside a DVC-tracked folder."""
+    sys.exit(128 + signum)
+
+
 def run(main: Callable[[], None]) -> None:
     """Run ``main``; a :class:`UserError` (or a missing input file) prints one line and exits with status 1."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, exit_on_sigterm)
     try:
         main()
     except (UserError, FileNotFoundError) as err:

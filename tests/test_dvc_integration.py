@@ -105,7 +105,8 @@ def test_full_pipeline_is_reproducible_and_reruns_exactly_what_changed(project):
         assert (repo / "models" / folder / "model.pt").is_file(), folder
     assert (repo / "plots/train/cnn_two_conv/seed42/plots/metrics/val/loss.tsv").is_file()
     headline = json.loads((repo / "metrics/evaluate.json").read_text())
-    assert set(headline["classifiers"]) == {"cnn_two_conv", "efficientnet_lite0", "knn", "random_forest", "voting"}
+    assert set(headline["classifiers"]) == {"cnn_two_conv", "efficientnet_lite0", "knn", "random_forest", "voting",
+                                            "ensemble"}   # the soft vote of them all
     assert set(headline["segmenters"]) == {"unet", "pixel_classifier"}
     declared = numbers_in(headline) + numbers_in(json.loads((repo / "metrics/data.json").read_text()))
     assert declared <= 60, declared

@@ -457,12 +457,13 @@ def wait_for_training(proc: subprocess.Popen, log: Path) -> None:
     wait_for(training, 300, "a training stage", proc, log, every=0.2)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["sigint", "sigkill"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL],
+                         ids=["sigint", "sigterm", "sigkill"])
 def test_an_interrupted_repro_is_finished_by_the_next_one(team, tmp_path, sig):
     repo, env = team
     env = {**env, "MEDPIPE_TRACKING": "off"}
     run(["dvc", "repro"], repo, env)
-    epochs = 12 if sig == signal.SIGINT else 13  # a change each time; ~0.5 s per epoch: time to interrupt
+    epochs = {signal.SIGINT: 12, signal.SIGTERM: 14}.get(sig, 13)  # a change each time; ~0.5 s per epoch
     set_param(repo, "models.cnn_two_conv.train", {"epochs": epochs, "patience": epochs})
     log = tmp_path / "repro.log"
     proc = start(["dvc", "repro"], repo, env, log)
@@ -473,7 +474,7 @@ def test_an_interrupted_repro_is_finished_by_the_next_one(team, tmp_path, sig):
     finally:
         stop(proc)
     assert proc.returncode != 0
-    if sig == signal.SIGINT:  # the stage cleans up after itself
+    if sig != signal.SIGKILL:  # Ctrl-C, dvc queue kill, a CI timeout: the stage cleans up after itself
         assert not leftovers(repo), leftovers(repo)
     out = run(["dvc", "repro"], repo, env).stdout
     assert "train@cnn_two_conv-42" in ran(out), out

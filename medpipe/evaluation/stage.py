@@ -104,6 +104,15 @@ class Member:
         return seed if seed in self.test else None if None in self.test else False
 
 
+def test_predictions(test: ImageSet, seeds: list[int], probas: list[np.ndarray]) -> compare.Predictions:
+    """A classifier's test predictions, one (N, C) probability array per training seed."""
+    return compare.Predictions(
+        kind=compare.CLASSIFIER, seeds=tuple(seeds), images=np.arange(len(test)),
+        sources=tuple(str(s) for s in test.source_ids), labels=test.labels, class_names=test.class_names,
+        proba=np.stack(probas),
+    )
+
+
 def evaluate_classifier(files: list[ModelFile], test: ImageSet, val: ImageSet | None, cfg: EvaluateConfig,
                         seed: int, out: dict[str, Path]) -> tuple[compare.Predictions, dict[str, Any], Member]:
     """Every seed of one classifier: predictions, per-seed details, and plots/figures of the first seed."""
@@ -111,11 +120,8 @@ def evaluate_classifier(files: list[ModelFile], test: ImageSet, val: ImageSet | 
     for k, mf in enumerate(files):
         log.info("evaluating %s (%s)", mf.name, mf.path)
         scored.append(score_classifier(load_any(mf.path), mf, test, val, cfg, seed, out if k == 0 else None))
-    predictions = compare.Predictions(
-        kind=compare.CLASSIFIER, seeds=tuple(f.seed if f.seed is not None else seed for f in files),
-        images=np.arange(len(test)), sources=tuple(str(s) for s in test.source_ids), labels=test.labels,
-        class_names=test.class_names, proba=np.stack([r.proba for r in scored]),
-    )
+    predictions = test_predictions(test, [f.seed if f.seed is not None else seed for f in files],
+                                   [r.proba for r in scored])
     details = {str(mf.seed) if mf.seed is not None else "-": r.details for mf, r in zip(files, scored, strict=True)}
     member = Member({mf.seed: mf for mf in files}, {mf.seed: r.val_proba for mf, r in zip(files, scored, strict=True)},
                     {mf.seed: r.proba for mf, r in zip(files, scored, strict=True)})
@@ -156,12 +162,7 @@ def evaluate_ensemble(members: dict[str, Member], val: ImageSet, test: ImageSet,
             "weights": vote.weights, f"validation_{cfg.champion_metric}_cross_fitted": vote.validation_score,
             f"validation_{cfg.champion_metric}_in_sample": vote.validation_in_sample,
         }
-    predictions = compare.Predictions(
-        kind=compare.CLASSIFIER, seeds=tuple(v.seed for v in votes), images=np.arange(len(test)),
-        sources=tuple(str(s) for s in test.source_ids), labels=test.labels, class_names=test.class_names,
-        proba=np.stack(probas),
-    )
-    return predictions, details, votes
+    return test_predictions(test, [v.seed for v in votes], probas), details, votes
 
 
 def evaluate_segmenter(files: list[ModelFile], test: ImageSet, cleanup, seed: int, grid_images: int,

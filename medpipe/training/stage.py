@@ -187,10 +187,6 @@ def launch_workers(cfg: TrainConfig, paths: TrainPaths) -> dict[str, Any]:
     return read_json(paths.out / VALIDATION_FILE)
 
 
-def _exit_on_sigterm(signum: int, _frame: Any) -> None:
-    sys.exit(128 + signum)   # torchrun stops the others when one rank fails: unwind, removing temporary outputs
-
-
 @contextlib.contextmanager
 def process_group(cfg: TrainConfig) -> Iterator[tuple[int, int]]:
     """(rank, world size): (0, 1) in a plain process; in a torchrun worker of several, the joined process group
@@ -214,11 +210,9 @@ def process_group(cfg: TrainConfig) -> Iterator[tuple[int, int]]:
     rank = dist.get_rank()
     if rank != 0:   # rank 0 tells the story
         logging.getLogger("medpipe").setLevel(logging.WARNING)
-    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    try:
+    try:   # torchrun stops the other ranks with SIGTERM when one fails: cli.run makes them unwind
         yield rank, world_size
     finally:
-        signal.signal(signal.SIGTERM, previous)
         dist.destroy_process_group()
 
 
