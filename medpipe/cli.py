@@ -21,7 +21,7 @@ P = TypeVar("P")
 
 
 def exit_on_sigterm(signum: int, _frame: Any) -> None:
-    """SIGTERM (``dvc queue kill``, a CI timeout, torchrun stopping its other ranks) unwinds like Ctrl-C, so
+    """SIGTERM (``kill``, a batch scheduler or CI timeout, torchrun stopping its other ranks) unwinds like Ctrl-C, so
     every atomic write removes its temporary output instead of leaving it inside a DVC-tracked folder."""
     sys.exit(128 + signum)
 
