@@ -122,6 +122,50 @@ def test_fit_is_generic_over_targets_and_losses():
     assert result.history[0]["val_mse"] > result.best_metrics["mse"]
 
 
+def test_weight_averaging_validates_keeps_and_checkpoints_the_moving_average(tmp_path):
+    """ema_decay 0.5: validation sees 0.5 * average + 0.5 * new weights after every step (the first step's
+    weights to start), the raw weights train exactly as without it, and the best average is what is kept."""
+    def run(ema_decay: float, path):
+        torch.manual_seed(0)
+        model = nn.Linear(4, 2)
+        batches = [(torch.randn(8, 4, generator=torch.Generator().manual_seed(i)), torch.tensor([0, 1] * 4))
+                   for i in range(3)]
+        seen, scores = [], iter([0.5, 0.9, 0.7, 0.6])
+
+        def val_fn(m):
+            seen.append({k: v.clone() for k, v in m.state_dict().items()})
+            return {"auc": next(scores)}
+
+        cfg = TrainConfig(epochs=4, patience=10, monitor="auc", precision="fp32", channels_last=False,
+                          scheduler="none", optimizer="sgd", lr=0.1, ema_decay=ema_decay)
+        fit(model, batches, nn.functional.cross_entropy, val_fn, cfg, checkpoint_path=path)
+        return model, seen
+
+    _, raw = run(0.0, None)
+    model, averaged = run(0.5, tmp_path / "m.pt")
+    # the raw weights after each epoch (3 steps each) are not observable directly: rebuild them step by step
+    torch.manual_seed(0)
+    probe = nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(probe.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    batches = [(torch.randn(8, 4, generator=torch.Generator().manual_seed(i)), torch.tensor([0, 1] * 4))
+               for i in range(3)]
+    expected, ema = [], None
+    for _ in range(4):
+        for x, y in batches:
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(probe(x), y).backward()
+            optimizer.step()
+            now = {k: v.detach().clone() for k, v in probe.state_dict().items()}
+            ema = now if ema is None else {k: 0.5 * ema[k] + 0.5 * now[k] for k in now}
+        expected.append(ema)
+        assert all(torch.allclose(now[k], raw[len(expected) - 1][k], atol=1e-6) for k in now)  # raw run
+    for got, want in zip(averaged, expected, strict=True):
+        assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in want)
+    assert not torch.allclose(averaged[1]["weight"], raw[1]["weight"])
+    assert torch.equal(model.weight, averaged[1]["weight"])   # best epoch (2) of the average, restored
+    assert torch.equal(load_checkpoint(tmp_path / "m.pt")["model"]["weight"], averaged[1]["weight"])
+
+
 def test_onecycle_steps_every_batch_warming_up_then_annealing_keeping_group_ratios():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
@@ -207,6 +251,33 @@ def test_batches_are_normalised_resized_and_reproducible():
     expected = (images[0].astype(np.float32) / 255 - 0.5) / 0.25
     assert np.allclose(full[0].permute(1, 2, 0).numpy(), expected, atol=1e-5)
     assert len(ArrayBatches(images, labels, batch_size=5, drop_last=True)) == 2
+
+
+def test_mixed_batches_pair_each_batch_and_give_class_probabilities():
+    images, labels = easy_images(8)
+    cfg = TrainConfig(mixup_alpha=0.4, cutmix_alpha=1.0, batch_size=8)
+    plain = ArrayBatches(images, labels, batch_size=8, shuffle=True, seed=3)
+    config.seed_everything(0)
+    mixed = list(classify.MixedBatches(ArrayBatches(images, labels, batch_size=8, shuffle=True, seed=3), cfg, 3))
+    config.seed_everything(0)
+    again = list(classify.MixedBatches(ArrayBatches(images, labels, batch_size=8, shuffle=True, seed=3), cfg, 3))
+    assert len(mixed) == len(plain) == 3
+    for (x, target), (x2, target2), (raw, y) in zip(mixed, again, plain, strict=True):
+        assert torch.equal(x, x2) and torch.equal(target, target2)             # seeded: the same mix again
+        assert target.shape == (8, 3) and torch.allclose(target.sum(1), torch.ones(8))
+        lam = float(target[torch.arange(8), y].min())                          # share of each image's own class
+        assert 0 <= lam <= 1 and not torch.equal(x, raw)
+        flipped = nn.functional.one_hot(y.flip(0), 3).float()
+        assert torch.allclose(target, lam * nn.functional.one_hot(y, 3).float() + (1 - lam) * flipped, atol=1e-6)
+    assert classify.accuracy(torch.eye(3)[[0, 1]], torch.tensor([[0.7, 0.3, 0.0], [0.6, 0.4, 0.0]])) == \
+        {"accuracy": 0.5}
+
+
+def test_mixing_needs_an_even_batch_and_is_off_by_default():
+    assert not TrainConfig().mixes and TrainConfig(mixup_alpha=0.2).mixes and not TrainConfig(
+        mixup_alpha=0.2, mix_prob=0).mixes
+    with pytest.raises(ValueError, match="batch_size must be even, got 33"):
+        TrainConfig(cutmix_alpha=1.0, batch_size=33)
 
 
 def test_batch_augment_draws_per_image_and_moves_masks_with_images():
@@ -385,6 +456,14 @@ def test_stage_outputs_hold_no_timings_and_a_rerun_writes_the_same_bytes(data, m
     assert again_out["validation.json"] == out["validation.json"]
     assert again_out["model.pt"] == out["model.pt"], "model.pt changed on a rerun with the same inputs"
     assert again_live == live
+
+
+def test_mixup_cutmix_and_weight_averaging_train_a_classifier_that_beats_chance(data):
+    paths = train_paths(data)
+    summary = stage.run(cnn_params(mixup_alpha=0.2, cutmix_alpha=1.0, ema_decay=0.5, epochs=6), paths)
+    assert summary["status"] == "ok" and summary["validation"]["balanced_accuracy"] > 0.8   # chance: 1/3
+    recipe = load_checkpoint(paths.out / "model.pt")["config"]
+    assert (recipe["mixup_alpha"], recipe["cutmix_alpha"], recipe["ema_decay"]) == (0.2, 1.0, 0.5)
 
 
 def test_the_seed_changes_the_model(data):

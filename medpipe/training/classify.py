@@ -57,7 +57,31 @@ def unfreezing(model: nn.Module, schedule: UnfreezeConfig) -> tuple[list[dict], 
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Share of the batch whose top class is the label (for mixed batches: the larger share of the mix)."""
+    if labels.ndim == 2:
+        labels = labels.argmax(1)
     return {"accuracy": float((logits.argmax(1) == labels).float().mean())}
+
+
+class MixedBatches:
+    """Training batches mixed with their own reverse (timm's ``Mixup``): mixup or cutmix per batch, with
+    ``train.mix_prob``; targets become class probabilities (the cross-entropy takes them as they are).
+
+    The mixing draws come from numpy's global generator, which ``seed_everything`` seeds."""
+
+    def __init__(self, batches: ArrayBatches, cfg: TrainConfig, num_classes: int) -> None:
+        from timm.data import Mixup
+
+        self.batches, self.world_size = batches, batches.world_size
+        self.mix = Mixup(mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha, prob=cfg.mix_prob,
+                         label_smoothing=0.0, num_classes=num_classes)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for images, labels in self.batches:
+            yield self.mix(images, labels)
 
 
 def model_spec_dict(spec: ClassifierSpec, num_classes: int, input_size: int) -> dict[str, Any]:
@@ -93,11 +117,16 @@ def train_classifier(
     criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
     plain_ce = nn.CrossEntropyLoss()
     rank, world_size = world()   # under DDP (train.processes > 1) each rank trains on its shard of every epoch
+    batch_size = max(1, min(cfg.batch_size, len(train) // world_size))
+    if cfg.mixes:
+        batch_size = max(2, batch_size - batch_size % 2)   # each image is mixed with another of its batch
     train_batches = ArrayBatches(
-        train.images, train.labels, batch_size=max(1, min(cfg.batch_size, len(train) // world_size)), mean=mean,
+        train.images, train.labels, batch_size=batch_size, mean=mean,
         std=std, size=input_size, shuffle=True, drop_last=True, augment=cfg.augment,
         balanced_sampler=cfg.sampler == "weighted", seed=seed, rank=rank, world_size=world_size,
     )
+    if cfg.mixes:
+        train_batches = MixedBatches(train_batches, cfg, num_classes)
     val_batches = ArrayBatches(val.images, val.labels, batch_size=128, mean=mean, std=std, size=input_size)
 
     def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -81,6 +81,11 @@ class TrainConfig(Strict):
     class_weights: Literal["auto", "none"] | list[float] = "auto"   # auto = inverse class frequency
     sampler: Literal["none", "weighted"] = "none"       # weighted = WeightedRandomSampler by class
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    ema_decay: float = Field(0.0, ge=0, lt=1)           # weight averaging: EMA of the weights, updated every step,
+    #                                                     is what validates and is kept; 0 = off
+    mixup_alpha: float = Field(0.0, ge=0)               # classifiers: mixup with lambda ~ Beta(alpha, alpha); 0 = off
+    cutmix_alpha: float = Field(0.0, ge=0)              # classifiers: cutmix likewise; both > 0: one or the other
+    mix_prob: float = Field(1.0, ge=0, le=1)            # share of training batches mixed (when either alpha > 0)
     augment: OnlineAugmentConfig = OnlineAugmentConfig()
     unfreeze: UnfreezeConfig = UnfreezeConfig()
 
@@ -97,6 +102,18 @@ class TrainConfig(Strict):
         if isinstance(value, list) and (not value or any(w <= 0 for w in value)):
             raise ValueError(f"class weights must be a non-empty list of positive numbers, got {value}")
         return value
+
+    @model_validator(mode="after")
+    def _mixing_pairs_a_batch(self) -> TrainConfig:
+        if self.mixes and self.batch_size % 2:
+            raise ValueError(f"mixup/cutmix pair each batch with its reverse: batch_size must be even, got "
+                             f"{self.batch_size}")
+        return self
+
+    @property
+    def mixes(self) -> bool:
+        """Whether classifier batches are mixed (mixup or cutmix)."""
+        return self.mix_prob > 0 and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
 
     def updated(self, **changes) -> TrainConfig:
         """A copy with ``changes`` applied and validated again."""

@@ -34,6 +34,10 @@ to the device). ``param_groups`` lets a caller give parts of the model their own
 ``model.train()`` each epoch (progressive unfreezing uses it to freeze blocks and keep their
 BatchNorm in eval mode); ``on_epoch(record)`` sees each epoch's record (MLflow, DVCLive, logging).
 
+Weight averaging (``train.ema_decay`` > 0): an exponential moving average of the weights and BatchNorm
+statistics (``torch.optim.swa_utils.AveragedModel``), updated after every optimizer step, is what
+validation scores, the best checkpoint keeps and ``model`` holds at the end; the raw weights only train.
+
 Data-parallel training: when a ``torch.distributed`` process group is initialised (the ``train`` stage
 does it under torchrun, ``train.processes > 1``), :func:`fit` wraps the model in DistributedDataParallel
 (gradients averaged across ranks every step; ``train_batches`` must be this rank's shard, e.g.
@@ -243,10 +247,12 @@ def train_one_epoch(
     device: torch.device,
     batch_metrics: BatchMetricFn | None = None,
     batch_scheduler: Any = None,
+    averaged: nn.Module | None = None,
 ) -> tuple[dict[str, float], int]:
     """One pass over ``batches``; returns the sample-weighted mean loss (and batch metrics) and the sample count.
 
-    ``batch_scheduler`` (one-cycle) is stepped after every optimizer step.
+    ``batch_scheduler`` (one-cycle) is stepped after every optimizer step, and ``averaged`` (the weight
+    average, :func:`weight_average`) updated.
     """
     totals: dict[str, float] = {}
     seen = 0
@@ -265,6 +271,8 @@ def train_one_epoch(
         optimizer.step()
         if batch_scheduler is not None:
             batch_scheduler.step()
+        if averaged is not None:
+            averaged.update_parameters(model)
         n = _batch_size(targets, inputs)
         seen += n
         totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) * n
@@ -327,6 +335,16 @@ def place(model: nn.Module, cfg: TrainConfig) -> torch.device:
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     return device
+
+
+def weight_average(model: nn.Module, cfg: TrainConfig) -> nn.Module | None:
+    """The exponential moving average of ``model``'s weights and BatchNorm statistics (``train.ema_decay``),
+    or None when off. Its ``module`` is a copy of ``model`` that validation sees and checkpoints keep."""
+    if cfg.ema_decay == 0:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
 
 
 def monitored(val: dict[str, float], cfg: TrainConfig) -> float:
@@ -422,6 +440,8 @@ def fit(
     optimizer = build_optimizer(param_groups if param_groups is not None else model.parameters(), cfg)
     scheduler = build_scheduler(optimizer, cfg, len(train_batches) if isinstance(train_batches, Sized) else None)
     per_batch = isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR)
+    averaged = weight_average(model, cfg)
+    kept = averaged.module if averaged is not None else model   # the weights validated and kept
     checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
     progress = _Progress(EarlyStopping(cfg.monitor_mode, cfg.patience, cfg.min_delta))
 
@@ -432,11 +452,11 @@ def fit(
         lr = optimizer.param_groups[0]["lr"]
         start = time.perf_counter()
         train_stats, seen = train_one_epoch(net, train_batches, loss_fn, optimizer, cfg, device, batch_metrics,
-                                            scheduler if per_batch else None)
+                                            scheduler if per_batch else None, averaged)
         seconds = time.perf_counter() - start
         progress.train_time += seconds
         progress.samples += seen
-        val = evaluate_on_rank0(model, val_fn, cfg, device)
+        val = evaluate_on_rank0(kept, val_fn, cfg, device)
         score = monitored(val, cfg)
         improved = progress.stopper.is_improvement(score)
         stop = progress.stopper.step(score, epoch + 1)
@@ -446,9 +466,9 @@ def fit(
         log.info("epoch %d/%d lr %.2e train loss %.4f val %s %.4f%s (%.1f s)", epoch + 1, cfg.epochs, lr,
                  train_stats["loss"], cfg.monitor, score, " *" if improved else "", seconds)
         if improved:
-            progress.keep_best(model, val)
+            progress.keep_best(kept, val)
             if checkpoint_path is not None and rank == 0:
-                save_checkpoint(checkpoint_path, model=model, optimizer=optimizer, scheduler=scheduler,
+                save_checkpoint(checkpoint_path, model=kept, optimizer=optimizer, scheduler=scheduler,
                                 epoch=epoch + 1, config=checkpoint_config(cfg, world_size), metrics=val,
                                 extra=checkpoint_extra)
         if on_epoch is not None and rank == 0:
@@ -458,6 +478,8 @@ def fit(
             log.info("early stopping after epoch %d: no %s improvement in %d epochs", epoch + 1, cfg.monitor,
                      cfg.patience)
             break
+    if averaged is not None:
+        model.load_state_dict(kept.state_dict())   # the averaged weights are the trained model
     return progress.result(model, restore_best, checkpoint_path)
 
 

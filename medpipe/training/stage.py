@@ -250,6 +250,18 @@ def train_worker(spec: ModelSpec, cfg: TrainConfig, paths: TrainPaths, world_siz
     return {}
 
 
+def write_skipped(paths: TrainPaths, reason: str) -> dict[str, Any]:
+    """A model that cannot train here: ``validation.json`` says why, and the curves folder is empty (both are
+    outputs of the stage in ``dvc.yaml``, which fails on a declared output that does not exist)."""
+    log.warning("%s: %s", paths.model, reason)
+    summary = {"status": reason}
+    with atomic_dir(paths.live):
+        pass
+    with atomic_dir(paths.out) as out:
+        write_json(out / VALIDATION_FILE, summary)
+    return summary
+
+
 def train_and_write(params: dict, spec: ModelSpec, cfg: TrainConfig, paths: TrainPaths,
                     world_size: int = 1) -> dict[str, Any]:
     """Train (rank 0 of ``world_size``) and write the outputs; the whole stage in a single process."""
@@ -257,12 +269,9 @@ def train_and_write(params: dict, spec: ModelSpec, cfg: TrainConfig, paths: Trai
     threads = share_threads(cfg.threads, world_size)
     splits = load_splits(paths)
     reason = missing_masks(spec, splits[0], splits[1])
+    if reason:
+        return write_skipped(paths, reason)
     with atomic_dir(paths.out) as out:
-        if reason:
-            log.warning("%s: %s", paths.model, reason)
-            summary = {"status": reason}
-            write_json(out / VALIDATION_FILE, summary)
-            return summary
         run_params = {"seed": paths.seed, "dataset": dataset, "model": paths.model, "threads": threads,
                       "processes": world_size, "spec": spec.model_dump(), "train": cfg.model_dump()}
         with tracking.start_run("train", dataset, paths.model, run_params, seed=paths.seed) as _, \
