@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -111,8 +112,12 @@ def project(tmp_path_factory):
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     # A fixed thread count: CPU kernels split their sums by thread, and with `threads: auto` the count would follow
     # whatever else runs on the machine, so the byte-for-byte checks would depend on it.
-    env = {**os.environ, "MEDPIPE_DATA_MIRROR": str(mirror), "MLFLOW_TRACKING_URI": f"sqlite:///{base}/mlflow.db",
-           "MEDPIPE_THREADS": "2", "MEDPIPE_WORKERS_DIR": str(base / "workers")}
+    # `dvc`, `python` and `medpipe-report` are those installed beside the interpreter running the tests (a venv's,
+    # activated or not), not whatever an unrelated installation put earlier on PATH.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "PATH": path, "MEDPIPE_DATA_MIRROR": str(mirror),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{base}/mlflow.db", "MEDPIPE_THREADS": "2",
+           "MEDPIPE_WORKERS_DIR": str(base / "workers")}
     env.pop("DVC_ROOT", None)
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
                 ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
