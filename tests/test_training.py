@@ -122,14 +122,18 @@ def test_fit_is_generic_over_targets_and_losses():
     assert result.history[0]["val_mse"] > result.best_metrics["mse"]
 
 
+def three_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(torch.randn(8, 4, generator=torch.Generator().manual_seed(i)), torch.tensor([0, 1] * 4))
+            for i in range(3)]
+
+
 def test_weight_averaging_validates_keeps_and_checkpoints_the_moving_average(tmp_path):
     """ema_decay 0.5: validation sees 0.5 * average + 0.5 * new weights after every step (the first step's
     weights to start), the raw weights train exactly as without it, and the best average is what is kept."""
     def run(ema_decay: float, path):
         torch.manual_seed(0)
         model = nn.Linear(4, 2)
-        batches = [(torch.randn(8, 4, generator=torch.Generator().manual_seed(i)), torch.tensor([0, 1] * 4))
-                   for i in range(3)]
+        batches = three_batches()
         seen, scores = [], iter([0.5, 0.9, 0.7, 0.6])
 
         def val_fn(m):
@@ -147,8 +151,7 @@ def test_weight_averaging_validates_keeps_and_checkpoints_the_moving_average(tmp
     torch.manual_seed(0)
     probe = nn.Linear(4, 2)
     optimizer = torch.optim.SGD(probe.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
-    batches = [(torch.randn(8, 4, generator=torch.Generator().manual_seed(i)), torch.tensor([0, 1] * 4))
-               for i in range(3)]
+    batches = three_batches()
     expected, ema = [], None
     for _ in range(4):
         for x, y in batches:
