@@ -202,6 +202,20 @@ def test_tta_views_and_average():
     assert np.allclose(predict_proba_tta(model, data.images, flips_only), expected)
 
 
+def test_tta_rot90_with_hflip_is_the_eight_symmetries_and_rotation_invariant():
+    image = np.random.default_rng(0).integers(0, 256, (1, 8, 8, 3), dtype=np.uint8)
+    cfg = TTAConfig(hflip=True, vflip=True, rot90=True)
+    views = tta_views(cfg)
+    assert len(views) == 8 and views[0][0] == "identity" and "vflip" not in dict(views)
+    assert len({view(image).tobytes() for _, view in views}) == 8
+    data = make_set()
+    model = TinyTorchClassifier(CLASSES)
+    turned = np.ascontiguousarray(np.rot90(data.images, 1, axes=(1, 2)))
+    assert np.allclose(predict_proba_tta(model, data.images, cfg), predict_proba_tta(model, turned, cfg), atol=1e-5)
+    assert [name for name, _ in tta_views(TTAConfig(hflip=False, rot90=True))] == [
+        "identity", "identity+rot90", "identity+rot180", "identity+rot270"]
+
+
 def test_tta_noise_keeps_grey_images_grey_and_is_off_by_default():
     grey = np.repeat(np.random.default_rng(0).integers(0, 256, (4, 16, 16, 1), dtype=np.uint8), 3, axis=3)
     views = dict(tta_views(TTAConfig(noise_copies=1, noise_std=0.05), seed=1))

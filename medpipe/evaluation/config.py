@@ -15,6 +15,8 @@ class TTAConfig(Strict):
     enabled: bool = True
     hflip: bool = True            # add a horizontally flipped view
     vflip: bool = False           # add a vertically flipped view (ultrasound has a fixed top: off by default)
+    rot90: bool = False           # each view also turned by 90, 180, 270 degrees (square images without a fixed
+                                  # orientation: microscopy, dermoscopy); with hflip, the 8 symmetries of the square
     noise_copies: int = Field(0, ge=0, le=32)     # views with Gaussian pixel noise (one field for all channels)
     noise_std: float = Field(0.02, ge=0, le=0.5)  # on the 0-1 intensity scale
 

@@ -18,12 +18,20 @@ View = Callable[[np.ndarray], np.ndarray]
 
 
 def tta_views(cfg: TTAConfig, seed: int = 0) -> list[tuple[str, View]]:
-    """The named views ``cfg`` asks for, the unchanged image first."""
+    """The named views ``cfg`` asks for, the unchanged image first.
+
+    With ``rot90`` every flip view also comes turned by 90, 180 and 270 degrees: with ``hflip`` these are the 8
+    symmetries of the square, which already hold the vertical flip (a horizontal flip turned by 180 degrees), so
+    ``vflip`` adds no view of its own then.
+    """
     views: list[tuple[str, View]] = [("identity", lambda x: x)]
     if cfg.hflip:
         views.append(("hflip", lambda x: x[:, :, ::-1]))
-    if cfg.vflip:
+    if cfg.vflip and not (cfg.rot90 and cfg.hflip):
         views.append(("vflip", lambda x: x[:, ::-1, :]))
+    if cfg.rot90:
+        views += [(f"{name}+rot{90 * k}", lambda x, flip=flip, k=k: np.rot90(flip(x), k, axes=(1, 2)))
+                  for name, flip in list(views) for k in (1, 2, 3)]
     for i in range(cfg.noise_copies):
         def noisy(x: np.ndarray, i: int = i) -> np.ndarray:
             rng = np.random.default_rng([seed, i])
