@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from scipy.special import log_softmax
+
 from medpipe.errors import UserError
 from medpipe.io import read_json
 
@@ -75,11 +78,26 @@ def pixel_classifier(models_dir: Path) -> list[ModelFile]:
     return [ModelFile("pixel_classifier", None, path, "segmentation")] if path.is_file() else []
 
 
+def apply_temperature(proba: np.ndarray, temperature: float) -> np.ndarray:
+    """Probabilities ``softmax(log p / T)``: T > 1 softens over-confident predictions, T < 1 sharpens.
+
+    Temperature scaling (``medpipe.evaluation.calibration`` fits T); it lives here because the served
+    ensemble applies its temperature too.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if temperature == 1.0:
+        return np.asarray(proba, dtype=np.float64)
+    log_p = np.log(np.clip(np.asarray(proba, dtype=np.float64), np.finfo(np.float64).eps, 1.0))
+    return np.exp(log_softmax(log_p / temperature, axis=1))
+
+
 @dataclass(frozen=True)
 class SoftVoteClassifier:
-    """The weighted mean of its members' probabilities (the ``evaluate`` stage's ensemble)."""
+    """The weighted mean of its members' probabilities under one temperature (the ``evaluate`` stage's ensemble)."""
 
     members: tuple[tuple[Any, float], ...]   # (classifier, weight > 0)
+    temperature: float = 1.0
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -87,19 +105,25 @@ class SoftVoteClassifier:
 
     def predict_proba(self, images):
         total = sum(w for _, w in self.members)
-        return sum(w / total * model.predict_proba(images) for model, w in self.members)
+        return apply_temperature(sum(w / total * model.predict_proba(images) for model, w in self.members),
+                                 self.temperature)
 
     @classmethod
     def load(cls, path: Path) -> SoftVoteClassifier:
-        """From ``{"members": [{"file": ..., "weight": ...}, ...]}``; member paths relative to the working folder."""
-        members = [(m["file"], float(m["weight"])) for m in read_json(path).get("members", []) if m["weight"] > 0]
+        """From ``{"members": [{"file": ..., "weight": ...}, ...], "temperature": ...}``; member paths relative to
+        the working folder; a file without a temperature serves the plain weighted mean."""
+        record = read_json(path)
+        members = [(m["file"], float(m["weight"])) for m in record.get("members", []) if m["weight"] > 0]
         if not members:
             raise ModelLoadError(f"{path}: an ensemble file with no member of positive weight")
+        temperature = record.get("temperature", 1.0)
+        if not (isinstance(temperature, int | float) and temperature > 0):
+            raise ModelLoadError(f"{path}: temperature {temperature!r} is not a positive number")
         loaded = tuple((load_model(file), weight) for file, weight in members)
         names = {tuple(model.class_names) for model, _ in loaded}
         if len(names) > 1:
             raise ModelLoadError(f"{path}: the members predict different classes {sorted(names)}")
-        return cls(loaded)
+        return cls(loaded, float(temperature))
 
 
 def load_any(path: str | Path) -> Any:

@@ -20,7 +20,7 @@ from test_evaluation import (
 
 from medpipe import predict
 from medpipe.data.imageset import ImageSet
-from medpipe.evaluation import ensemble
+from medpipe.evaluation import calibration, ensemble
 from medpipe.predictors import SoftVoteClassifier, load_any, load_model
 
 
@@ -52,8 +52,8 @@ def test_complementary_members_are_combined_and_beat_each_alone():
     assert vote.weights["a"] > 0 and vote.weights["b"] > 0 and sum(vote.weights.values()) == pytest.approx(1)
     assert vote.validation_in_sample == 1.0 and vote.validation_score == 1.0
     assert ensemble.score(labels, a, "accuracy") == pytest.approx(0.6)
-    np.testing.assert_allclose(vote.predict({"a": a, "b": b}),
-                               vote.weights["a"] * a + vote.weights["b"] * b, atol=1e-12)
+    np.testing.assert_allclose(vote.predict({"a": a, "b": b}), calibration.apply_temperature(
+        vote.weights["a"] * a + vote.weights["b"] * b, vote.temperature), atol=1e-12)
 
 
 def test_the_cross_fitted_score_is_not_fooled_by_members_that_fit_noise():
@@ -65,6 +65,26 @@ def test_the_cross_fitted_score_is_not_fooled_by_members_that_fit_noise():
     assert vote.validation_in_sample > 0.45           # chance is 1/3
     assert abs(vote.validation_score - 1 / 3) < 0.1
     assert vote.validation_score < vote.validation_in_sample - 0.1
+
+
+def test_the_vote_is_temperature_scaled_so_its_probabilities_stay_calibrated():
+    """A member right on 90% of the images but with flat probabilities (0.45 on its pick): as it is, the vote
+    says 0.45 where it is right 9 times in 10; scaled by the temperature fitted on validation it says about 0.9,
+    and it predicts the same classes."""
+    rng = np.random.default_rng(2)
+    labels = np.arange(300) % 3
+    flat = one_hot_ish(labels, rng.random(300) < 0.9, 0.45)
+    plain = ensemble.soft_vote({"flat": flat}, labels, "accuracy", rounds=5, folds=5, seed=0, calibrate=False)
+    calibrated = ensemble.soft_vote({"flat": flat}, labels, "accuracy", rounds=5, folds=5, seed=0)
+    assert plain.temperature == 1.0
+    assert calibrated.temperature < 0.5       # sharpened
+    assert calibrated.temperature == pytest.approx(calibration.fit_temperature(flat, labels), abs=1e-6)
+    confidence = {name: vote.predict({"flat": flat}).max(1).mean() for name, vote in
+                  (("plain", plain), ("calibrated", calibrated))}
+    assert confidence["plain"] == pytest.approx(0.45)
+    assert confidence["calibrated"] == pytest.approx(0.9, abs=0.03)
+    np.testing.assert_array_equal(calibrated.predict({"flat": flat}).argmax(1), flat.argmax(1))
+    assert calibrated.validation_score == plain.validation_score
 
 
 # -- in the evaluate stage, on the tiny trained models of test_evaluation ---------------------------------
@@ -113,6 +133,7 @@ def test_the_ensemble_can_be_champion_and_medpipe_predict_serves_it(voted, monke
     assert headline["champion"]["model"] == ensemble.NAME
     assert champion["seed"] == record["seed"] and champion["file"] == "reports/evaluate/ensemble.json"
     assert all(m["weight"] > 0 for m in record["members"])
+    assert record["temperature"] > 0 and record["temperature"] != 1.0   # the vote is served temperature-scaled
 
     test = ImageSet.load(root / "test.npz")
     model = load_model(predict.resolve_model(None, Path("models"), Path("reports/evaluate/champion.json"), PARAMS))
@@ -121,10 +142,31 @@ def test_the_ensemble_can_be_champion_and_medpipe_predict_serves_it(voted, monke
     np.testing.assert_allclose(model.predict_proba(test.images), by_seed[record["seed"]][1], atol=1e-5)
 
 
+def test_an_ensemble_file_without_a_temperature_serves_the_plain_weighted_mean(voted, monkeypatch):
+    """Files written before the vote was scaled (no "temperature" key) keep predicting what they did."""
+    root, _ = voted
+    monkeypatch.chdir(root)
+    record = json.loads((root / "reports/evaluate/ensemble.json").read_text())
+    old = root / "old_ensemble.json"
+    old.write_text(json.dumps({"members": record["members"]}))
+    test = ImageSet.load(root / "test.npz")
+    members = [(load_model(m["file"]), m["weight"]) for m in record["members"]]
+    expected = sum(w * model.predict_proba(test.images) for model, w in members) / sum(w for _, w in members)
+    np.testing.assert_allclose(load_any(old).predict_proba(test.images), expected, atol=1e-6)
+
+
 def test_an_ensemble_file_without_members_is_refused(tmp_path):
     (tmp_path / "ensemble.json").write_text(json.dumps({"members": []}))
     with pytest.raises(ValueError, match="no member of positive weight"):
         load_any(tmp_path / "ensemble.json")
+
+
+def test_an_ensemble_file_with_a_non_positive_temperature_is_refused(tmp_path):
+    path = tmp_path / "ensemble.json"
+    path.write_text(json.dumps({"members": [{"file": "models/classical/knn.joblib", "weight": 1.0}],
+                                "temperature": 0}))
+    with pytest.raises(ValueError, match=r"ensemble.json: temperature 0 is not a positive number"):
+        load_any(path)
 
 
 def test_a_model_may_not_be_called_ensemble(tmp_path):

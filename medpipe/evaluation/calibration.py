@@ -13,17 +13,13 @@ from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
 
 from medpipe.evaluation.scores import PROBA_EPS
+from medpipe.predictors import apply_temperature  # served models apply it too (the ensemble's members)
+
+__all__ = ["apply_temperature", "fit_temperature", "reliability_curve"]
 
 
 def _log_proba(proba: np.ndarray) -> np.ndarray:
     return np.log(np.clip(np.asarray(proba, dtype=np.float64), PROBA_EPS, 1.0))
-
-
-def apply_temperature(proba: np.ndarray, temperature: float) -> np.ndarray:
-    """Probabilities ``softmax(log p / T)``: T > 1 softens over-confident predictions, T < 1 sharpens."""
-    if not temperature > 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
-    return np.exp(log_softmax(_log_proba(proba) / temperature, axis=1))
 
 
 def fit_temperature(proba: np.ndarray, y_true: np.ndarray, bounds: tuple[float, float] = (0.05, 20.0)) -> float:

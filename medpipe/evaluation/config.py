@@ -27,6 +27,7 @@ class EnsembleConfig(Strict):
     enabled: bool = True
     rounds: int = Field(25, ge=1, le=1000)   # greedy selection rounds (with replacement): weights in 1/rounds steps
     folds: int = Field(5, ge=2, le=20)       # cross-fitting folds of the validation score that competes for champion
+    calibrate: bool = True                   # temperature-scale the vote (T fitted on its validation probabilities)
 
 
 class EvaluateConfig(Strict):

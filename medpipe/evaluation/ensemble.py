@@ -14,6 +14,13 @@ one, and the held-out predictions are pooled into one score. Test images are nev
 
 With several training seeds the vote is built once per seed from that seed's deep models (and the
 classical models, which train once), so its mean ± std over seeds compares with every other model's.
+
+The vote's probabilities are temperature-scaled as its last step (``calibrate``, on by default): a mean of
+a sharp network and a flat random forest is neither, so one temperature is fitted on the vote's
+validation probabilities (``calibration.fit_temperature``, after the weights are chosen). It never changes
+the predicted class, so the validation scores and the test accuracy are those of the plain vote; the
+probabilities, their ECE and log loss are the calibrated ones, and ``ensemble.json`` carries the
+temperature so that ``medpipe-predict`` serves the same probabilities.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.model_selection import StratifiedKFold
 
+from medpipe.evaluation.calibration import apply_temperature, fit_temperature
 from medpipe.metrics import classification_metrics
 
 NAME = "ensemble"            # its name among the models (headline, predictions, medpipe-predict --model)
@@ -34,14 +42,15 @@ _EPS = 1e-12
 
 @dataclass(frozen=True)
 class SoftVote:
-    """The members' weights (summing to 1) and the vote's validation scores."""
+    """The members' weights (summing to 1), the vote's temperature and its validation scores."""
 
     weights: dict[str, float]
+    temperature: float             # the weighted mean is scaled by it (1 = as it is)
     validation_score: float        # cross-fitted: what the champion choice reads
     validation_in_sample: float    # with the final weights, on the images that chose them (optimistic)
 
     def predict(self, proba: Mapping[str, np.ndarray]) -> np.ndarray:
-        return combine(proba, self.weights)
+        return apply_temperature(combine(proba, self.weights), self.temperature)
 
 
 def combine(proba: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.ndarray:
@@ -94,13 +103,14 @@ def cross_fitted_score(proba: Mapping[str, np.ndarray], labels: np.ndarray, metr
 
 
 def soft_vote(proba: Mapping[str, np.ndarray], labels: np.ndarray, metric: str, rounds: int, folds: int,
-              seed: int) -> SoftVote:
+              seed: int, calibrate: bool = True) -> SoftVote:
     """The vote of ``proba`` (member -> validation probabilities (N, C)) fitted to ``labels``."""
     labels = np.asarray(labels)
     proba = {name: np.asarray(p, dtype=np.float64) for name, p in proba.items()}
-    weights = select(proba, labels, metric, rounds)
+    weights = {n: round(w, 6) for n, w in select(proba, labels, metric, rounds).items()}
     return SoftVote(
-        weights={n: round(w, 6) for n, w in weights.items()},
+        weights=weights,
+        temperature=round(fit_temperature(combine(proba, weights), labels), 6) if calibrate else 1.0,
         validation_score=cross_fitted_score(proba, labels, metric, rounds, folds, seed),
         validation_in_sample=score(labels, combine(proba, weights), metric),
     )

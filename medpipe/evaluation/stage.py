@@ -141,6 +141,7 @@ class Vote:
         return {"model": ensemble.NAME, "seed": self.seed, "selected_on": f"validation {metric}",
                 "validation_cross_fitted": round(self.vote.validation_score, 6),
                 "validation_in_sample": round(self.vote.validation_in_sample, 6),
+                "temperature": self.vote.temperature,
                 "members": [{"model": name, "file": str(self.files[name].path), "weight": weight}
                             for name, weight in self.vote.weights.items() if weight > 0]}
 
@@ -153,13 +154,14 @@ def evaluate_ensemble(members: dict[str, Member], val: ImageSet, test: ImageSet,
     for s in seeds:
         keys = {name: m.at(s) for name, m in members.items() if m.at(s) is not False}
         vote = ensemble.soft_vote({n: members[n].val[k] for n, k in keys.items()}, val.labels, cfg.champion_metric,
-                                  cfg.ensemble.rounds, cfg.ensemble.folds, seed)
+                                  cfg.ensemble.rounds, cfg.ensemble.folds, seed, cfg.ensemble.calibrate)
         probas.append(vote.predict({n: members[n].test[k] for n, k in keys.items()}))
         votes.append(Vote(s if s is not None else seed, vote, {n: members[n].files[k] for n, k in keys.items()}))
         details[str(votes[-1].seed)] = {
             **evaluate_with_ci(test.labels, probas[-1], test.class_names, resamples=cfg.bootstrap_resamples,
                                confidence=cfg.confidence, seed=cfg.bootstrap_seed, ece_bins=cfg.ece_bins),
-            "weights": vote.weights, f"validation_{cfg.champion_metric}_cross_fitted": vote.validation_score,
+            "weights": vote.weights, "vote_temperature": vote.temperature,
+            f"validation_{cfg.champion_metric}_cross_fitted": vote.validation_score,
             f"validation_{cfg.champion_metric}_in_sample": vote.validation_in_sample,
         }
     return test_predictions(test, [v.seed for v in votes], probas), details, votes
