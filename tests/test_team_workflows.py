@@ -463,7 +463,9 @@ def test_an_interrupted_repro_is_finished_by_the_next_one(team, tmp_path, sig):
     repo, env = team
     env = {**env, "MEDPIPE_TRACKING": "off"}
     run(["dvc", "repro"], repo, env)
-    epochs = {signal.SIGINT: 12, signal.SIGTERM: 14}.get(sig, 13)  # a change each time; ~0.5 s per epoch
+    # a change each time, and long enough (0.1-0.5 s an epoch) that the signal lands while it trains: with 12
+    # epochs the run could finish between the poll that saw epoch 1 and the signal on a busy machine
+    epochs = {signal.SIGINT: 100, signal.SIGTERM: 120}.get(sig, 110)
     set_param(repo, "models.cnn_two_conv.train", {"epochs": epochs, "patience": epochs})
     log = tmp_path / "repro.log"
     proc = start(["dvc", "repro"], repo, env, log)
