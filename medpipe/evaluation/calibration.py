@@ -13,7 +13,7 @@ from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
 
 from medpipe.evaluation.scores import PROBA_EPS
-from medpipe.predictors import apply_temperature  # served models apply it too (the ensemble's members)
+from medpipe.predictors import apply_temperature  # the served ensemble applies it too
 
 __all__ = ["apply_temperature", "fit_temperature", "reliability_curve"]
 

@@ -108,9 +108,10 @@ def soft_vote(proba: Mapping[str, np.ndarray], labels: np.ndarray, metric: str, 
     labels = np.asarray(labels)
     proba = {name: np.asarray(p, dtype=np.float64) for name, p in proba.items()}
     weights = {n: round(w, 6) for n, w in select(proba, labels, metric, rounds).items()}
+    voted = combine(proba, weights)
     return SoftVote(
         weights=weights,
-        temperature=round(fit_temperature(combine(proba, weights), labels), 6) if calibrate else 1.0,
+        temperature=round(fit_temperature(voted, labels), 6) if calibrate else 1.0,
         validation_score=cross_fitted_score(proba, labels, metric, rounds, folds, seed),
-        validation_in_sample=score(labels, combine(proba, weights), metric),
+        validation_in_sample=score(labels, voted, metric),
     )
