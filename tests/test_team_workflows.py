@@ -448,6 +448,12 @@ def test_two_queued_experiments_run_at_once_and_share_one_mlflow_store(team):
 # --------------------------------------------------------------------------- 5. interruption, concurrency
 
 
+# Runs a command with SIGINT at its default, as in a terminal: a suite started in the background by a shell
+# without job control (`pytest &` in a script) inherits SIGINT ignored, and dvc and the stage would ignore Ctrl-C.
+WITH_CTRL_C = ["python", "-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+               "os.execvp(sys.argv[1], sys.argv[1:])"]
+
+
 def wait_for_training(proc: subprocess.Popen, log: Path) -> None:
     """Until the training stage's first epoch is done (its output folder is being written)."""
     def training():
@@ -463,12 +469,10 @@ def test_an_interrupted_repro_is_finished_by_the_next_one(team, tmp_path, sig):
     repo, env = team
     env = {**env, "MEDPIPE_TRACKING": "off"}
     run(["dvc", "repro"], repo, env)
-    # a change each time, and long enough (0.1-0.5 s an epoch) that the signal lands while it trains: with 12
-    # epochs the run could finish between the poll that saw epoch 1 and the signal on a busy machine
-    epochs = {signal.SIGINT: 100, signal.SIGTERM: 120}.get(sig, 110)
+    epochs = {signal.SIGINT: 12, signal.SIGTERM: 14}.get(sig, 13)  # a change each time; ~0.5 s per epoch
     set_param(repo, "models.cnn_two_conv.train", {"epochs": epochs, "patience": epochs})
     log = tmp_path / "repro.log"
-    proc = start(["dvc", "repro"], repo, env, log)
+    proc = start([*WITH_CTRL_C, "dvc", "repro"], repo, env, log)
     try:
         wait_for_training(proc, log)
         os.killpg(proc.pid, sig)  # the whole process group, as Ctrl-C in a terminal or a killed CI job
