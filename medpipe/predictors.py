@@ -88,8 +88,12 @@ def apply_temperature(proba: np.ndarray, temperature: float) -> np.ndarray:
         raise ValueError(f"temperature must be positive, got {temperature}")
     if temperature == 1.0:
         return np.asarray(proba, dtype=np.float64)
-    log_p = np.log(np.clip(np.asarray(proba, dtype=np.float64), np.finfo(np.float64).eps, 1.0))
-    return np.exp(log_softmax(log_p / temperature, axis=1))
+    return np.exp(log_softmax(log_proba(proba) / temperature, axis=1))
+
+
+def log_proba(proba: np.ndarray) -> np.ndarray:
+    """``log p`` with zeros clipped to the smallest float64 step (a probability of 0 has no logarithm)."""
+    return np.log(np.clip(np.asarray(proba, dtype=np.float64), np.finfo(np.float64).eps, 1.0))
 
 
 @dataclass(frozen=True)

@@ -12,14 +12,9 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
 
-from medpipe.evaluation.scores import PROBA_EPS
-from medpipe.predictors import apply_temperature  # the served ensemble applies it too
+from medpipe.predictors import apply_temperature, log_proba  # the served ensemble applies it too
 
 __all__ = ["apply_temperature", "fit_temperature", "reliability_curve"]
-
-
-def _log_proba(proba: np.ndarray) -> np.ndarray:
-    return np.log(np.clip(np.asarray(proba, dtype=np.float64), PROBA_EPS, 1.0))
 
 
 def fit_temperature(proba: np.ndarray, y_true: np.ndarray, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
@@ -27,7 +22,7 @@ def fit_temperature(proba: np.ndarray, y_true: np.ndarray, bounds: tuple[float, 
     y_true = np.asarray(y_true, dtype=np.int64)
     if len(y_true) == 0:
         raise ValueError("cannot fit a temperature on an empty split")
-    log_p = _log_proba(proba)
+    log_p = log_proba(proba)
     rows = np.arange(len(y_true))
 
     def nll(log_t: float) -> float:
