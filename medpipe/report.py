@@ -7,10 +7,11 @@ Sections: ``dvc params diff --md`` (what changed), then the verdict table: every
 workspace's ``reports/predictions/`` against the same model at the base revision, on each headline
 metric, by a paired bootstrap over the test images (:mod:`medpipe.evaluation.compare`): base, head,
 difference, its interval and the verdict (better / worse / within noise), models with a verdict
-other than "within noise" first. Models on one side only are listed as added or removed. If the test
-images differ between the revisions no paired verdict is possible: the report says so and shows the
-unpaired values. Then the plot data files that changed and, with ``--plots-out``, the HTML of
-``dvc plots diff``. Paste the file into the pull request or post it (``gh pr comment --body-file report.md``).
+other than "within noise" first. Models on one side only are listed as added or removed. If a change
+moved the test split (another image size, near-duplicate distance or dataset version), the verdict is
+on the test images both revisions hold out, matched by source file and label, and the report says how
+many; with none shared it shows unpaired values. Then the plot data files that changed and, with
+``--plots-out``, the HTML of ``dvc plots diff``. Paste the file into the pull request or post it (``gh pr comment --body-file report.md``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from medpipe.evaluation.compare import (
     load_predictions,
     point_estimates,
     same_test_split,
+    shared_test_images,
 )
 
 PREDICTIONS_DIR = Path("reports/predictions")
@@ -120,11 +122,16 @@ def _models(names: Sequence[str]) -> list[str]:
 
 @dataclass(frozen=True)
 class ModelResult:
-    """One model present at both revisions: its comparisons, paired or (test split changed) not."""
+    """One model present at both revisions: its comparisons, paired or (no test image shared) not.
+
+    ``shared``: where the test split changed, (images both sides hold out, base's test images, head's):
+    the comparisons are then on the shared images only.
+    """
 
     model: str
     comparisons: tuple[Comparison, ...]
     paired: bool
+    shared: tuple[int, int, int] | None = None
 
     @property
     def decided(self) -> bool:
@@ -153,12 +160,21 @@ def identical(base: Predictions, head: Predictions) -> bool:
 
 
 def compare_model(model: str, base: Predictions, head: Predictions, settings: Settings) -> ModelResult:
-    """Paired verdicts on the headline metrics if both sides share the test images, else unpaired values."""
+    """Paired verdicts on the headline metrics: on the whole test split if both sides have the same one,
+    else on the test images both hold out; unpaired values if they share none (or are of other kinds)."""
+    shared = None
     if not same_test_split(base, head):
-        return ModelResult(model, _unpaired(base, head), paired=False)
+        if base.kind != head.kind or base.class_names != head.class_names:
+            return ModelResult(model, _unpaired(base, head), paired=False)
+        base_shared, head_shared = shared_test_images(base, head)
+        if len(base_shared.images) == 0:
+            return ModelResult(model, _unpaired(base, head), paired=False, shared=(0, len(base.images),
+                                                                                     len(head.images)))
+        shared = (len(base_shared.images), len(base.images), len(head.images))
+        base, head = base_shared, head_shared
     result = compare(base, head, resamples=settings.resamples, seed=settings.seed,
                      confidence=settings.confidence)
-    return ModelResult(model, tuple(result.values()), paired=True)
+    return ModelResult(model, tuple(result.values()), paired=True, shared=shared)
 
 
 def _number(value: float, signed: bool = False) -> str:
@@ -169,7 +185,7 @@ def _number(value: float, signed: bool = False) -> str:
 
 def _verdict_cell(c: Comparison, paired: bool) -> str:
     if not paired:
-        return "n/a (test split changed)"
+        return "n/a (unpaired)"
     text = c.verdict if c.verdict == WITHIN_NOISE else f"**{c.verdict}**"
     return text if c.p_value is None else f"{text} (McNemar p = {c.p_value:.3g})"
 
@@ -231,12 +247,26 @@ def _verdict_body(base: str, settings: Settings, results: Sequence[ModelResult])
         "the interval excludes 0 on that side; ↓: lower is better.",
         "",
     ]
-    changed = [r.model for r in results if not r.paired]
-    if changed:
-        names = ", ".join(f"`{m}`" for m in changed)
-        lines += [f"**Test split changed** for {names}: the test images differ between the revisions, "
-                  "so no paired verdict is possible; unpaired values shown.", ""]
+    by_shared: dict[tuple[int, int, int], list[str]] = {}
+    for result in results:
+        if result.shared is not None:
+            by_shared.setdefault(result.shared, []).append(f"`{result.model}`")
+    for shared, models in by_shared.items():
+        lines += [_split_changed_note(", ".join(models), *shared), ""]
+    unmatched = [f"`{r.model}`" for r in results if not r.paired and r.shared is None]
+    if unmatched:
+        note = (f"No paired verdict for {', '.join(unmatched)}: the two sides are not the same kind of model "
+                "or predict other classes; unpaired values shown.")
+        lines += [note, ""]
     return lines + verdict_table(results, settings.confidence)
+
+
+def _split_changed_note(models: str, shared: int, n_base: int, n_head: int) -> str:
+    if shared == 0:
+        return (f"**Test split changed** for {models}: no test image is held out by both revisions "
+                f"(base {n_base}, head {n_head}), so no paired verdict is possible; unpaired values shown.")
+    return (f"**Test split changed** for {models}: paired on the {shared} test images both revisions "
+            f"hold out (base {n_base}, head {n_head}); base and head values are on those images.")
 
 
 def _added_removed(head_models: Sequence[str], base_models: Sequence[str]) -> list[str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -227,3 +229,38 @@ def test_misaligned_seeds_are_an_error_naming_the_file(tmp_path):
 def test_malformed_files_are_clear_errors(text, message):
     with pytest.raises(cmp.CompareError, match=message):
         cmp.load_predictions(text, name="reports/predictions/m.csv")
+
+
+def test_shared_test_images_pair_two_splits_on_the_images_both_hold_out():
+    labels = labelled_images(30)
+    base = classifier(labels, right_on(20, 30), right_on(25, 30))
+    # the head's split lost images 0-9, gained ten others and lists its images in another order
+    order = np.r_[np.arange(29, 9, -1)]
+    head = classifier(labels, right_on(30, 30), right_on(30, 30)).subset(order, images=np.arange(20))
+    gained = replace(classifier(labels[:10], right_on(0, 10), right_on(0, 10)),
+                     sources=tuple(f"new{i}.png" for i in range(10)), images=np.arange(20, 30))
+    head = replace(head, sources=head.sources + gained.sources, images=np.r_[head.images, gained.images],
+                   labels=np.r_[head.labels, gained.labels], proba=np.concatenate([head.proba, gained.proba], 1))
+    assert not cmp.same_test_split(base, head)
+
+    base_shared, head_shared = cmp.shared_test_images(base, head)
+
+    assert base_shared.sources == head_shared.sources == tuple(f"img{i}.png" for i in range(10, 30))
+    assert cmp.same_test_split(base_shared, head_shared)
+    np.testing.assert_array_equal(head_shared.proba, classifier(labels, right_on(30, 30), right_on(30, 30))
+                                  .proba[:, 10:])
+    result = cmp.compare(base_shared, head_shared, ["accuracy"], resamples=200)
+    assert result["accuracy"].base == pytest.approx((10 + 15) / 2 / 20)  # seeds right on 10 and 15 of 20
+    assert result["accuracy"].head == 1.0
+
+
+def test_shared_test_images_match_source_and_label_and_refuse_ambiguous_sources():
+    labels = labelled_images(6)
+    base = classifier(labels, right_on(6, 6))
+    relabelled = replace(base, labels=(labels + 1) % N_CLASSES)
+    assert len(cmp.shared_test_images(base, relabelled)[0].images) == 0  # same files, other labels
+    twice = replace(base, sources=("a.png",) * 6)
+    with pytest.raises(UserError, match="'a.png' appears twice"):
+        cmp.shared_test_images(twice, base)
+    with pytest.raises(UserError, match="classifier with a segmenter"):
+        cmp.shared_test_images(base, segmenter(np.ones((1, 6)), np.ones((1, 6))))

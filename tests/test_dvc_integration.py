@@ -127,6 +127,13 @@ def test_full_pipeline_is_reproducible_and_reruns_exactly_what_changed(project):
     assert yaml.safe_load((repo / "params.yaml").read_text())["train"]["lr"] == 1e-4
     run(["git", "checkout", "--", "."], repo, env)
     run(["dvc", "checkout", "--force"], repo, env)
+    # the same experiment again (dvc.lock still holds the baseline): every model comes from the run-cache
+    out = run(["dvc", "exp", "run", "-n", "lower-lr-again", "-S", "train.lr=1e-4"], repo, env).stdout
+    assert ran(out) == {"evaluate"}, out
+    assert all(f"Stage '{stage}' is cached - skipping run" in out for stage in DEEP), out
+    assert run(["dvc", "exp", "diff", "lower-lr", "lower-lr-again"], repo, env).stdout.strip() == ""
+    run(["git", "checkout", "--", "."], repo, env)
+    run(["dvc", "checkout", "--force"], repo, env)
 
     out = run(["dvc", "exp", "run", "-S", "+models.cnn_two_conv.train.epochs=2"], repo, env).stdout  # + adds a key
     assert ran(out) == {"train@cnn_two_conv-42", "evaluate"}, out

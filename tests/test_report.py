@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -43,6 +44,10 @@ def repo(tmp_path, monkeypatch):
     return tmp_path
 
 
+def other_sources(predictions: cmp.Predictions) -> cmp.Predictions:
+    return replace(predictions, sources=tuple(f"other/{s}" for s in predictions.sources))
+
+
 def commit_base(repo, predictions) -> None:
     subprocess.run(["dvc", "add", "-q", str(predictions.relative_to(repo))], check=True)
     git(repo, "add", "-A")
@@ -62,14 +67,15 @@ def test_report_gives_paired_verdicts_against_the_base_revision(repo):
     predictions = repo / "reports/predictions"
     write_predictions(predictions, cnn=classifier(labels, right_on(140)),
                       adaboost=classifier(labels, right_on(150)), svm=classifier(labels, right_on(150)),
-                      old=classifier(labels, right_on(100)), unet=unet(20))
+                      old=classifier(labels, right_on(100)), unet=unet(20), elsewhere=unet(5))
     commit_base(repo, predictions)
     (repo / "params.yaml").write_text("evaluate:\n  lr: 0.0001\n")
     (predictions / "old.csv").unlink()
     other_150 = (np.arange(200) >= 10) & (np.arange(200) < 160)   # as many right as before, other images
     write_predictions(predictions, cnn=classifier(labels, right_on(170)), svm=classifier(labels, other_150),
                       new=classifier(labels, right_on(90)),
-                      unet=unet(21, shift=0.05))  # one more test image: the split changed
+                      unet=unet(21, shift=0.05),  # one more test image: the split changed
+                      elsewhere=other_sources(unet(5)))  # no test image in common
 
     text = report.build_report("main", settings=FAST)
 
@@ -86,8 +92,14 @@ def test_report_gives_paired_verdicts_against_the_base_revision(repo):
     # a model whose predictions did not change is one name on one line, not five rows of zeros
     assert table_rows(text, "adaboost") == {}
     assert "Unchanged (the same prediction for every test image and seed): `adaboost`." in text
-    assert "**Test split changed** for `unet`" in text
-    assert table_rows(text, "unet")["dice"][5:] == ["—", "n/a (test split changed)"]
+    # one more test image: the verdict is on the 20 images both revisions hold out
+    assert ("**Test split changed** for `unet`: paired on the 20 test images both revisions hold out "
+            "(base 20, head 21)") in text
+    head_dice = (np.linspace(0.4, 0.9, 21)[:20] + 0.05).mean()  # the head's Dice on the 20 shared images
+    assert table_rows(text, "unet")["dice"][2:5] == ["0.6500", f"{head_dice:.4f}", f"{head_dice - 0.65:+.4f}"]
+    assert table_rows(text, "unet")["dice"][6] == "**better**"
+    assert table_rows(text, "elsewhere")["dice"][5:] == ["—", "n/a (unpaired)"]
+    assert "**Test split changed** for `elsewhere`: no test image is held out by both revisions" in text
     assert "Added: `new`." in text and "Removed: `old`." in text
     assert "time" not in text.lower()
 

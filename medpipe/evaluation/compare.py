@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -87,9 +88,24 @@ class Predictions:
 
     def test_key(self) -> tuple[tuple, ...]:
         """What identifies the test split: (image, source, label) of each image; label None for segmenters."""
+        return tuple((image, *key) for image, key in zip(self.images.tolist(), self.image_keys(), strict=True))
+
+    def image_keys(self) -> list[tuple[str, str | None]]:
+        """(source, label name) of each image: what identifies an image across two test splits."""
         labels = ([self.class_names[i] for i in self.labels] if self.labels is not None
                   else [None] * len(self.sources))
-        return tuple(zip(self.images.tolist(), self.sources, labels, strict=True))
+        return list(zip(self.sources, labels, strict=True))
+
+    def subset(self, index: Sequence[int], images: np.ndarray | None = None) -> Predictions:
+        """These predictions on the images at positions ``index`` (numbered ``images`` if given)."""
+        index = np.asarray(index, dtype=np.int64)
+        return replace(
+            self, images=self.images[index] if images is None else np.asarray(images, dtype=np.int64),
+            sources=tuple(self.sources[i] for i in index),
+            labels=None if self.labels is None else self.labels[index],
+            proba=None if self.proba is None else self.proba[:, index],
+            scores={name: values[:, index] for name, values in self.scores.items()},
+        )
 
 
 # --------------------------------------------------------------------------- verdicts and intervals
@@ -263,6 +279,27 @@ def same_test_split(base: Predictions, head: Predictions) -> bool:
     """Whether both were scored on identical test images (same image, source and label, same order)."""
     same_kind = base.kind == head.kind and base.class_names == head.class_names
     return same_kind and base.test_key() == head.test_key()
+
+
+def shared_test_images(base: Predictions, head: Predictions) -> tuple[Predictions, Predictions]:
+    """Both prediction sets on the test images they share (same source and label), in ``base``'s order.
+
+    When a change moved the split (another image size, another near-duplicate distance, more data), the
+    images that both revisions held out are still a fair paired comparison: neither model trained on
+    them. ``head``'s subset takes ``base``'s image numbers, so the two subsets form one test split.
+    """
+    _require_same_kind(base, head)
+    if base.class_names != head.class_names:
+        raise CompareError(f"the models have classes {list(base.class_names)} and {list(head.class_names)}")
+    base_keys, head_keys = base.image_keys(), head.image_keys()
+    for side, keys in (("base", base_keys), ("head", head_keys)):
+        twice = [key for key, count in Counter(keys).items() if count > 1]
+        if twice:
+            raise CompareError(f"{side}: test image {twice[0][0]!r} appears twice: images cannot be matched by source")
+    head_position = {key: i for i, key in enumerate(head_keys)}
+    in_base = [i for i, key in enumerate(base_keys) if key in head_position]
+    in_head = [head_position[base_keys[i]] for i in in_base]
+    return base.subset(in_base), head.subset(in_head, images=base.images[in_base])
 
 
 def compare(
