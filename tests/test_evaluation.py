@@ -191,7 +191,7 @@ def test_temperature_scaling_recovers_the_temperature():
 
 def test_tta_views_and_average():
     cfg = TTAConfig(hflip=True, vflip=True, noise_copies=2, noise_std=0.05)
-    assert [name for name, _ in tta_views(cfg)] == ["identity", "hflip", "vflip", "noise0", "noise1"]
+    assert [view.name for view in tta_views(cfg)] == ["identity", "hflip", "vflip", "noise0", "noise1"]
     data = make_set()
     model = TinyTorchClassifier(CLASSES)
     a = predict_proba_tta(model, data.images, cfg, seed=3)
@@ -206,23 +206,53 @@ def test_tta_rot90_with_hflip_is_the_eight_symmetries_and_rotation_invariant():
     image = np.random.default_rng(0).integers(0, 256, (1, 8, 8, 3), dtype=np.uint8)
     cfg = TTAConfig(hflip=True, vflip=True, rot90=True)
     views = tta_views(cfg)
-    assert len(views) == 8 and views[0][0] == "identity" and "vflip" not in dict(views)
-    assert len({view(image).tobytes() for _, view in views}) == 8
+    assert len(views) == 8 and views[0].name == "identity" and "vflip" not in [view.name for view in views]
+    assert len({view.forward(image).tobytes() for view in views}) == 8
+    for view in views:  # each inverse undoes its view, on images and on per-pixel maps
+        assert np.array_equal(view.inverse(view.forward(image)), image)
+        assert np.array_equal(view.inverse(view.forward(image[..., 0])), image[..., 0])
     data = make_set()
     model = TinyTorchClassifier(CLASSES)
     turned = np.ascontiguousarray(np.rot90(data.images, 1, axes=(1, 2)))
     assert np.allclose(predict_proba_tta(model, data.images, cfg), predict_proba_tta(model, turned, cfg), atol=1e-5)
-    assert [name for name, _ in tta_views(TTAConfig(hflip=False, rot90=True))] == [
+    assert [view.name for view in tta_views(TTAConfig(hflip=False, rot90=True))] == [
         "identity", "identity+rot90", "identity+rot180", "identity+rot270"]
 
 
 def test_tta_noise_keeps_grey_images_grey_and_is_off_by_default():
     grey = np.repeat(np.random.default_rng(0).integers(0, 256, (4, 16, 16, 1), dtype=np.uint8), 3, axis=3)
-    views = dict(tta_views(TTAConfig(noise_copies=1, noise_std=0.05), seed=1))
+    views = {view.name: view.forward for view in tta_views(TTAConfig(noise_copies=1, noise_std=0.05), seed=1)}
     noisy = views["noise0"](grey)
     assert noisy.dtype == np.uint8 and not np.array_equal(noisy, grey)
     assert np.array_equal(noisy[..., 0], noisy[..., 1]) and np.array_equal(noisy[..., 0], noisy[..., 2])
-    assert [name for name, _ in tta_views(TTAConfig())] == ["identity", "hflip"]
+    assert [view.name for view in tta_views(TTAConfig())] == ["identity", "hflip"]
+
+
+class FixedMap:
+    """A "segmenter" that predicts the left half of every image it is given, whatever the pixels."""
+
+    def predict_proba(self, images: np.ndarray) -> np.ndarray:
+        maps = np.zeros(images.shape[:3])
+        maps[:, :, : images.shape[2] // 2] = 1.0
+        return maps
+
+
+class RedChannel:
+    """A segmenter that moves with the image: the lesion probability is the red channel."""
+
+    def predict_proba(self, images: np.ndarray) -> np.ndarray:
+        return images[..., 0] / 255.0
+
+
+def test_segmentation_tta_maps_each_view_back_onto_the_image():
+    images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    for cfg in (TTAConfig(), TTAConfig(hflip=True, rot90=True)):
+        # a model that follows the image gives its own map back from every view
+        assert np.allclose(predict_proba_tta(RedChannel(), images, cfg, per_pixel=True), images[..., 0] / 255.0)
+        # one fixed in the view's frame lands on the left half in some views and elsewhere in the others
+        assert np.allclose(predict_proba_tta(FixedMap(), images, cfg, per_pixel=True), 0.5)
+    left = FixedMap().predict_proba(images)
+    assert np.allclose(predict_proba_tta(FixedMap(), images, TTAConfig(hflip=False), per_pixel=True), left)
 
 
 def test_roc_table_area_matches_auc(predictions):
@@ -568,6 +598,7 @@ def test_details_plots_figures_and_gradcam(evaluated):
             assert "temperature" in result and "ece_ts" in result
             assert ("tta" in result) == name.startswith("cnn")
     assert details["unet"]["test_images"]["lesion_images"] + details["unet"]["test_images"]["empty_images"] == len(test)
+    assert 0 <= details["unet"]["tta"]["mean"]["dice"] <= 1 and "tta" not in details["pixel_classifier"]
     classifiers = {"cnn_a.csv", "cnn_b.csv", "knn.csv", "random_forest.csv"}
     for kind in ("confusion", "roc", "pr", "calibration"):
         assert {p.name for p in (root / "plots/evaluate" / kind).iterdir()} == classifiers
@@ -579,6 +610,7 @@ def test_details_plots_figures_and_gradcam(evaluated):
     assert sorted(p.name for p in (root / "reports/evaluate/gradcam").iterdir()) == ["cnn_a.png", "cnn_b.png"]
     summary = (root / "metrics/summary.md").read_text()
     assert "`cnn_a` + TTA" in summary and "temperature" in summary and "## Segmenters" in summary
+    assert "`unet` + TTA" in summary
 
 
 def test_rerun_gives_byte_identical_headline_and_predictions(evaluated, monkeypatch):

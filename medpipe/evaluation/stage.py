@@ -33,10 +33,12 @@ from medpipe.evaluation.classify import score_classifier
 from medpipe.evaluation.config import EvaluateConfig
 from medpipe.evaluation.scores import evaluate_with_ci
 from medpipe.evaluation.summary import markdown_summary
+from medpipe.evaluation.tta import predict_proba_tta
 from medpipe.io import atomic_dir, atomic_path, write_json
 from medpipe.predictors import ModelFile, classical_models, deep_models, load_any, pixel_classifier
 from medpipe.segmentation.config import SegmentConfig
 from medpipe.segmentation.metrics import per_image_scores
+from medpipe.segmentation.postprocess import to_masks
 
 log = logging.getLogger(__name__)
 PLOT_KINDS = ("confusion", "roc", "pr", "calibration")
@@ -167,25 +169,44 @@ def evaluate_ensemble(members: dict[str, Member], val: ImageSet, test: ImageSet,
     return test_predictions(test, [v.seed for v in votes], probas), details, votes
 
 
-def evaluate_segmenter(files: list[ModelFile], test: ImageSet, cleanup, seed: int, grid_images: int,
+def evaluate_segmenter(files: list[ModelFile], test: ImageSet, cleanup, seed: int, cfg: EvaluateConfig,
                        figures: Path) -> tuple[compare.Predictions, dict[str, Any]]:
-    """Every seed of one segmenter: per-image Dice, IoU and HD95 on the test images with a lesion."""
+    """Every seed of one segmenter: per-image Dice, IoU and HD95 on the test images with a lesion.
+
+    Deep segmenters are also scored with test-time augmentation (``evaluate.tta``: the probability maps of the
+    views, turned back, averaged, then thresholded and cleaned up like a plain prediction): the ``tta`` entry,
+    mean and std over seeds as for the plain scores.
+    """
     lesion = np.flatnonzero(test.masks.reshape(len(test), -1).any(1))
     scores: dict[str, list[np.ndarray]] = defaultdict(list)
+    tta_scores: dict[str, list[np.ndarray]] = defaultdict(list)
     for k, mf in enumerate(files):
         log.info("evaluating %s (%s)", mf.name, mf.path)
-        masks = load_any(mf.path).predict_masks(test.images, cleanup)
+        model = load_any(mf.path)
+        masks = model.predict_masks(test.images, cleanup)
         per_image = per_image_scores(test.masks, masks)
         for metric in compare.SEGMENTER_METRICS:
             scores[metric].append(np.asarray(per_image[metric], dtype=np.float64)[lesion])
-        if k == 0 and grid_images:
-            contour_figure(figures / f"{mf.name}.png", test, masks, per_image["dice"], grid_images, mf.name)
+        if mf.is_deep and cfg.tta.enabled:
+            proba = predict_proba_tta(model, test.images, cfg.tta, seed, per_pixel=True)
+            tta_masks = to_masks(proba, model.threshold, model.postprocess, cleanup)
+            for metric, values in per_image_scores(test.masks, tta_masks).items():
+                if metric in compare.SEGMENTER_METRICS:
+                    tta_scores[metric].append(np.asarray(values, dtype=np.float64)[lesion])
+        if k == 0 and cfg.grid_images:
+            contour_figure(figures / f"{mf.name}.png", test, masks, per_image["dice"], cfg.grid_images, mf.name)
     predictions = compare.Predictions(
         kind=compare.SEGMENTER, seeds=tuple(f.seed if f.seed is not None else seed for f in files),
         images=lesion, sources=tuple(str(test.source_ids[i]) for i in lesion),
         scores={m: np.stack(v) for m, v in scores.items()},
     )
-    return predictions, {"lesion_images": int(len(lesion)), "empty_images": int(len(test) - len(lesion))}
+    info: dict[str, Any] = {"test_images": {"lesion_images": len(lesion), "empty_images": len(test) - len(lesion)}}
+    if tta_scores:
+        per_seed = per_seed_headline(dataclasses.replace(
+            predictions, scores={m: np.stack(v) for m, v in tta_scores.items()}), cfg.ece_bins)
+        mean, std = mean_std(per_seed)
+        info["tta"] = {"headline_per_seed": per_seed, "mean": mean, "std": std}
+    return predictions, info
 
 
 def contour_figure(path: Path, test: ImageSet, masks: np.ndarray, dice: np.ndarray, n: int, name: str) -> None:
@@ -281,9 +302,7 @@ def run(params: dict, paths: EvaluatePaths) -> dict[str, Any]:
                 predictions[name], by_seed, members[name] = evaluate_classifier(group, test, val, cfg, seed, out)
                 details[name] = {"seeds": by_seed}
             else:
-                predictions[name], images = evaluate_segmenter(group, test, cleanup, seed, cfg.grid_images,
-                                                               out["figures"])
-                details[name] = {"test_images": images}
+                predictions[name], details[name] = evaluate_segmenter(group, test, cleanup, seed, cfg, out["figures"])
         candidates = validation_candidates([f for f in files if f.task == "classification"], cfg.champion_metric)
         if cfg.ensemble.enabled and val is not None and len(members) > 1:
             predictions[ensemble.NAME], by_seed, votes = evaluate_ensemble(members, val, test, cfg, seed)

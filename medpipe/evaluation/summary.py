@@ -55,8 +55,11 @@ def headline_tables(headline: dict[str, Any], details: dict[str, Any], verdicts:
         lines += ["", "`vs champion`: paired bootstrap of the difference on the same test images (all seeds); "
                   "`within noise` = statistically tied with the champion.", ""]
     if headline["segmenters"]:
-        rows = [[f"`{name}`", str(len(details[name]["headline_per_seed"])),
-                 *(mean_std_text(details[name], m) for m in SEGMENTER_METRICS)] for name in headline["segmenters"]]
+        scored = [(f"`{name}`", details[name]) for name in headline["segmenters"]]
+        scored += [(f"`{name}` + TTA", details[name]["tta"]) for name in headline["segmenters"]
+                   if "tta" in details[name]]
+        rows = [[label, str(len(d["headline_per_seed"])), *(mean_std_text(d, m) for m in SEGMENTER_METRICS)]
+                for label, d in scored]
         lines += ["## Segmenters (test images with a lesion; HD95 in px)", ""]
         lines += table(["model", "seeds", *SEGMENTER_METRICS], rows) + [""]
     return lines
