@@ -169,6 +169,13 @@ def evaluate_ensemble(members: dict[str, Member], val: ImageSet, test: ImageSet,
     return test_predictions(test, [v.seed for v in votes], probas), details, votes
 
 
+def append_lesion_scores(into: dict[str, list[np.ndarray]], per_image: dict[str, np.ndarray],
+                         lesion: np.ndarray) -> None:
+    """Append one seed's per-image segmenter metrics, on the ``lesion`` images only, to ``into``."""
+    for metric in compare.SEGMENTER_METRICS:
+        into[metric].append(np.asarray(per_image[metric], dtype=np.float64)[lesion])
+
+
 def evaluate_segmenter(files: list[ModelFile], test: ImageSet, cleanup, seed: int, cfg: EvaluateConfig,
                        figures: Path) -> tuple[compare.Predictions, dict[str, Any]]:
     """Every seed of one segmenter: per-image Dice, IoU and HD95 on the test images with a lesion.
@@ -185,14 +192,11 @@ def evaluate_segmenter(files: list[ModelFile], test: ImageSet, cleanup, seed: in
         model = load_any(mf.path)
         masks = model.predict_masks(test.images, cleanup)
         per_image = per_image_scores(test.masks, masks)
-        for metric in compare.SEGMENTER_METRICS:
-            scores[metric].append(np.asarray(per_image[metric], dtype=np.float64)[lesion])
+        append_lesion_scores(scores, per_image, lesion)
         if mf.is_deep and cfg.tta.enabled:
             proba = predict_proba_tta(model, test.images, cfg.tta, seed, per_pixel=True)
             tta_masks = to_masks(proba, model.threshold, model.postprocess, cleanup)
-            for metric, values in per_image_scores(test.masks, tta_masks).items():
-                if metric in compare.SEGMENTER_METRICS:
-                    tta_scores[metric].append(np.asarray(values, dtype=np.float64)[lesion])
+            append_lesion_scores(tta_scores, per_image_scores(test.masks, tta_masks), lesion)
         if k == 0 and cfg.grid_images:
             contour_figure(figures / f"{mf.name}.png", test, masks, per_image["dice"], cfg.grid_images, mf.name)
     predictions = compare.Predictions(
