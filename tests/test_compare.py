@@ -235,7 +235,7 @@ def test_shared_test_images_pair_two_splits_on_the_images_both_hold_out():
     labels = labelled_images(30)
     base = classifier(labels, right_on(20, 30), right_on(25, 30))
     # the head's split lost images 0-9, gained ten others and lists its images in another order
-    order = np.r_[np.arange(29, 9, -1)]
+    order = np.arange(29, 9, -1)
     head = classifier(labels, right_on(30, 30), right_on(30, 30)).subset(order, images=np.arange(20))
     gained = replace(classifier(labels[:10], right_on(0, 10), right_on(0, 10)),
                      sources=tuple(f"new{i}.png" for i in range(10)), images=np.arange(20, 30))
