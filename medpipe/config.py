@@ -45,6 +45,10 @@ class Strict(BaseModel):
 
 class DownloadConfig(Strict):
     timeout_s: float = Field(60.0, gt=0)
+    # where a dataset's public source (a GitHub repository at a commit) is fetched from
+    archive_url: str = Field("https://github.com/{repo}/archive/{commit}.zip", pattern=r"\{repo\}.*\{commit\}")
+    file_url: str = Field("https://raw.githubusercontent.com/{repo}/{commit}/{path}",
+                          pattern=r"\{repo\}.*\{commit\}.*\{path\}")
 
 
 class PreprocessConfig(Strict):

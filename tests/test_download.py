@@ -70,7 +70,7 @@ def test_checksum_mismatch_fails_and_leaves_no_file(tmp_path, mirror):
 
 
 def test_missing_everywhere_names_the_file_and_the_mirror(tmp_path, mirror):
-    with pytest.raises(DownloadError, match=r"cannot fetch data.bin: not in the mirror .*no URL"):
+    with pytest.raises(DownloadError, match=r"cannot fetch data.bin: it is not in the offline copy folder .*neither a public source nor a URL.*Two ways"):
         fetch(source(), tmp_path / "raw", tmp_path / "partial")
 
 

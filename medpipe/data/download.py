@@ -1,8 +1,13 @@
-"""Fetch a dataset's files: from the offline mirror when it has them, else from their URLs.
+"""Fetch a dataset's files: from a local copy when there is one, else from their public sources.
 
-Every file is checked against the registry's checksum before it appears under its final name. A URL
-download goes to ``<name>.part`` in a resume folder outside DVC's outputs (DVC clears a stage's outputs
-before running it) and continues from where an interrupted run stopped, via an HTTP Range request.
+A dataset file (``datasets.yaml``: ``files``) is found, in this order:
+1. in the offline copy folder (``$MEDPIPE_DATA_MIRROR``, else ``../shared/datasets`` beside the repository):
+   copied and checked against the registry's ``checksum``;
+2. built from its public ``source`` (a GitHub repository at a pinned commit), every file verified against
+   the committed manifest (:mod:`medpipe.data.sources`);
+3. downloaded from its ``urls`` and checked against ``checksum``.
+Downloads go to a resume folder outside DVC's outputs (DVC clears a stage's outputs before running it) and
+continue from where an interrupted run stopped.
 """
 
 from __future__ import annotations
@@ -11,23 +16,23 @@ import hashlib
 import logging
 import os
 import shutil
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
-
 from medpipe import config
-
+from medpipe.data import sources
+from medpipe.data.registry import SourceFile, get_spec, source_files
 from medpipe.errors import UserError
 from medpipe.io import atomic_dir, atomic_path
-from medpipe.paths import mirror_dir
-from medpipe.data.registry import SourceFile, get_spec, source_files
+from medpipe.paths import MIRROR_ENV, mirror_dir, repo_root
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20
 PARTIAL_DIR = Path("data/.partial")  # resumable downloads live outside DVC's outputs
+DEFAULT_URLS = sources.UrlTemplates(
+    archive=config.DownloadConfig.model_fields["archive_url"].default,
+    file=config.DownloadConfig.model_fields["file_url"].default,
+)
 
 
 class DownloadError(UserError, RuntimeError):
@@ -58,28 +63,11 @@ def _copy_from_mirror(mirrored: Path, dest: Path, source: SourceFile) -> None:
 
 
 def _download_url(url: str, dest: Path, source: SourceFile, resume_dir: Path, timeout: float) -> None:
-    resume_dir.mkdir(parents=True, exist_ok=True)
     part = resume_dir / f"{source.name}.part"
-    offset = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            if offset and response.status != 206:  # the server ignored the range: start over
-                offset = 0
-            total = response.length + offset if response.length is not None else None
-            with open(part, "ab" if offset else "wb") as out, tqdm(
-                total=total, initial=offset, unit="B", unit_scale=True, desc=source.name
-            ) as bar:
-                for block in iter(lambda: response.read(CHUNK), b""):
-                    out.write(block)
-                    bar.update(len(block))
-    except urllib.error.HTTPError as err:
-        if err.code == 416:  # range not satisfiable: the part file is already complete or stale
-            pass
-        else:
-            raise DownloadError(f"{url}: HTTP {err.code} {err.reason}") from None
-    except (urllib.error.URLError, TimeoutError, OSError) as err:
-        raise DownloadError(f"{url}: {err}") from None
+        sources.download_resumable(url, part, timeout, source.name)
+    except sources.SourceError as err:
+        raise DownloadError(str(err)) from None
     try:
         verify(part, source)
     except DownloadError:
@@ -89,8 +77,17 @@ def _download_url(url: str, dest: Path, source: SourceFile, resume_dir: Path, ti
         os.replace(part, tmp)
 
 
-def fetch(source: SourceFile, dest_dir: Path, resume_dir: Path, timeout: float = 60.0) -> Path:
-    """Place ``source`` in ``dest_dir`` after verifying its checksum; return its path."""
+def _no_source_error(source: SourceFile, mirrored: Path, errors: list[str]) -> DownloadError:
+    return DownloadError(
+        f"cannot fetch {source.name}: " + "; ".join(errors) + ". Two ways to get it: connect this machine to the "
+        f"internet and run again (its public source is fetched and verified), or put {source.name} "
+        f"({source.checksum}) in {mirrored.parent} (or in the folder that {MIRROR_ENV} names)"
+    )
+
+
+def fetch(source: SourceFile, dest_dir: Path, resume_dir: Path, timeout: float = 60.0,
+          urls: sources.UrlTemplates | None = None) -> Path:
+    """Place ``source`` in ``dest_dir``, verified (checksum, or every file of its public source); return its path."""
     dest = dest_dir / source.name
     if dest.exists():
         try:
@@ -100,10 +97,18 @@ def fetch(source: SourceFile, dest_dir: Path, resume_dir: Path, timeout: float =
             log.warning("%s does not match its checksum: fetching it again", dest)
     mirrored = mirror_dir() / source.name
     if mirrored.is_file():
-        log.info("copying %s from the mirror %s", source.name, mirrored.parent)
+        log.info("copying %s from the offline copy in %s", source.name, mirrored.parent)
         _copy_from_mirror(mirrored, dest, source)
         return dest
-    errors = [f"not in the mirror ({mirrored}; set MEDPIPE_DATA_MIRROR to another folder)"]
+    errors = [f"it is not in the offline copy folder {mirrored.parent}"]
+    if source.source is not None:
+        origin = f"{source.source.repo} @ {source.source.commit[:8]}"
+        log.info("building %s from its public source %s", source.name, origin)
+        try:
+            sources.build(source, repo_root(), dest, resume_dir, urls or DEFAULT_URLS, timeout)
+            return dest
+        except sources.SourceError as err:
+            errors.append(f"its public source {origin} failed: {err}")
     for url in source.urls:
         log.info("downloading %s from %s", source.name, url)
         try:
@@ -111,9 +116,9 @@ def fetch(source: SourceFile, dest_dir: Path, resume_dir: Path, timeout: float =
             return dest
         except DownloadError as err:
             errors.append(str(err))
-    if not source.urls:
-        errors.append("the registry gives no URL for it")
-    raise DownloadError(f"cannot fetch {source.name}: " + "; ".join(errors))
+    if source.source is None and not source.urls:
+        errors.append("the registry gives neither a public source nor a URL for it")
+    raise _no_source_error(source, mirrored, errors)
 
 
 @dataclass(frozen=True)
@@ -126,5 +131,6 @@ def run(params: dict, paths: DownloadPaths) -> list[Path]:
     spec = get_spec(config.dataset_name(params))
     cfg = config.load_section(params, "download", config.DownloadConfig)
     with atomic_dir(paths.out) as tmp:
-        fetched = [fetch(f, tmp, PARTIAL_DIR, cfg.timeout_s).name for f in source_files(spec)]
+        urls = sources.UrlTemplates(archive=cfg.archive_url, file=cfg.file_url)
+        fetched = [fetch(f, tmp, PARTIAL_DIR, cfg.timeout_s, urls).name for f in source_files(spec)]
     return [paths.out / name for name in fetched]

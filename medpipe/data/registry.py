@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -22,10 +22,56 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class CopyRecipe(_Strict):
+    """Each source file becomes the manifest's member of a zip, bytes unchanged."""
+
+    kind: Literal["copy"] = "copy"
+
+
+class GreyThumbnailRecipe(_Strict):
+    """Each source image becomes 8-bit grey, at most ``max_side`` px a side, JPEG of ``quality``."""
+
+    kind: Literal["grey_thumbnail_jpeg"]
+    max_side: int = Field(256, ge=8)
+    quality: int = Field(95, ge=1, le=100)
+
+
+class MedmnistRecipe(_Strict):
+    """The MedMNIST recipe: centre crop, bicubic resize, a seeded split of the given sizes, one ``.npz``."""
+
+    kind: Literal["medmnist_npz"]
+    folders: tuple[str, ...] = Field(min_length=2)  # the source's class folders, in label order
+    crop: int = Field(ge=1)
+    size: int = Field(ge=1)
+    seed: int
+    train: int = Field(ge=1)
+    val: int = Field(ge=0)
+    content_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")  # of the arrays (medpipe.data.sources.arrays_digest)
+
+
+Recipe = Annotated[CopyRecipe | GreyThumbnailRecipe | MedmnistRecipe, Field(discriminator="kind")]
+
+
+class PublicSource(_Strict):
+    """A public GitHub repository at a pinned commit that the dataset file is built from."""
+
+    repo: str = Field(pattern=r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")  # owner/name
+    commit: str = Field(pattern=r"^[0-9a-f]{40}$")
+    fetch: Literal["files", "archive"] = "files"  # file by file, or the repository archive at the commit
+    manifest: str                                 # committed list of the files used, with their sha256
+    recipe: Recipe = CopyRecipe()
+    extra_members: dict[str, str] = Field(default_factory=dict)  # member of the dataset file -> project file
+
+    @property
+    def name(self) -> str:
+        return self.repo.split("/", 1)[1]
+
+
 class SourceFile(_Strict):
     name: str
-    checksum: str
+    checksum: str  # of the ready-made file (an offline copy, or the download from ``urls``)
     urls: tuple[str, ...] = ()
+    source: PublicSource | None = None
 
     @field_validator("name")
     @classmethod
