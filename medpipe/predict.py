@@ -35,6 +35,7 @@ from medpipe.errors import UserError
 from medpipe.evaluation import ensemble
 from medpipe.io import read_json
 from medpipe.predictors import classical_models, deep_models, load_model
+from medpipe.tracking.runs import tracking_uri
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
@@ -164,8 +165,6 @@ def run(argv: Sequence[str] | None = None, out=None) -> np.ndarray | None:
         return None
     if args.model_uri:
         import mlflow
-
-        from medpipe.tracking import tracking_uri
 
         mlflow.set_tracking_uri(tracking_uri())
         pyfunc = mlflow.pyfunc.load_model(args.model_uri)

@@ -8,6 +8,9 @@ Where the training stages put them (paths in ``dvc.yaml``):
 - ``reports/evaluate/ensemble.json``: the ``evaluate`` stage's soft vote, its member files and weights
   (:class:`SoftVoteClassifier`).
 
+Each kind of file has one loader, a module with ``load(path)`` (:func:`loader`): importing them here makes
+whatever loads models (the ``evaluate`` stage) depend on the code that runs when a model is unpickled or rebuilt.
+
 Classifiers give ``predict_proba(images uint8 (N, H, W, 3)) -> (N, C)`` and ``class_names``;
 segmenters ``predict_proba -> (N, H, W)`` and ``predict_masks(images, cleanup)``.
 """
@@ -17,13 +20,19 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 from scipy.special import log_softmax
 
+from medpipe.classical import predictor as classical_predictor
 from medpipe.errors import UserError
 from medpipe.io import read_json
+from medpipe.segmentation import pixel_classifier as pixel_classifier_model
+from medpipe.segmentation import predictor as unet_predictor
+from medpipe.training import predictor as classifier_predictor
+from medpipe.training.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
 VALIDATION_FILE = "validation.json"
@@ -51,6 +60,10 @@ class ModelFile:
         if self.is_deep or self.task == "segmentation":
             return record.get("validation") or {}
         return record.get(self.name) or {}
+
+    def load(self) -> Any:
+        """The model, loaded by the module of its kind (:func:`loader`)."""
+        return load_any(self.path, self.task)
 
 
 def deep_models(models_dir: Path, names: list[str], seeds: list[int], task: str) -> list[ModelFile]:
@@ -130,31 +143,27 @@ class SoftVoteClassifier:
         return cls(loaded, float(temperature))
 
 
-def load_any(path: str | Path) -> Any:
+def loader(path: Path, task: str | None = None) -> ModuleType:
+    """The module whose ``load(path)`` rebuilds the model in ``path``: a checkpoint by what it holds, a
+    ``.joblib`` file by its ``task`` (the classical classifiers' unless ``segmentation``)."""
+    if path.suffix == ".pt":
+        return unet_predictor if "unet" in load_checkpoint(path).get("extra", {}) else classifier_predictor
+    if path.suffix == ".joblib":
+        return pixel_classifier_model if task == "segmentation" else classical_predictor
+    raise ModelLoadError(f"{path}: unknown model file type {path.suffix!r}; expected .pt, .joblib or .json")
+
+
+def load_any(path: str | Path, task: str | None = None) -> Any:
     """A classifier or segmenter from its ``.pt`` checkpoint or ``.joblib`` file, or an ensemble's ``.json``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model file {path} does not exist: run the training stages (dvc repro)")
     if path.suffix == ".json":
         return SoftVoteClassifier.load(path)
-    if path.suffix == ".pt":
-        from medpipe.training.checkpoint import load_checkpoint
-
-        if "unet" in load_checkpoint(path).get("extra", {}):
-            from medpipe.segmentation.predictor import UNetSegmenter
-
-            return UNetSegmenter.load(path)
-        from medpipe.training.predictor import TorchClassifier
-
-        return TorchClassifier.load(path)
-    if path.suffix == ".joblib":
-        import joblib
-
-        model = joblib.load(path)
-        if not hasattr(model, "predict_proba"):
-            raise ModelLoadError(f"{path}: the loaded object has no 'predict_proba'")
-        return model
-    raise ModelLoadError(f"{path}: unknown model file type {path.suffix!r}; expected .pt, .joblib or .json")
+    model = loader(path, task).load(path)
+    if not hasattr(model, "predict_proba"):
+        raise ModelLoadError(f"{path}: the loaded object has no 'predict_proba'")
+    return model
 
 
 def load_model(path: str | Path) -> Any:

@@ -347,7 +347,7 @@ def test_both_stages_skip_with_a_reason_on_a_dataset_without_masks(tmp_path, mas
 
 
 def test_unet_stage_trains_and_its_model_scores_what_validation_json_says(tmp_path):
-    from medpipe.segmentation.predictor import UNetSegmenter, load_segmenter
+    from medpipe.segmentation.predictor import UNetSegmenter, load
     from medpipe.training import stage
 
     root = _splits(tmp_path, np.random.default_rng(0))
@@ -358,7 +358,7 @@ def test_unet_stage_trains_and_its_model_scores_what_validation_json_says(tmp_pa
     assert set(result["validation"]) >= {"dice", "dice_lesion"}
     assert 0.0 <= result["validation"]["dice"] <= 1.0
 
-    segmenter = load_segmenter(paths.out / "model.pt")
+    segmenter = load(paths.out / "model.pt")
     assert isinstance(segmenter, UNetSegmenter) and segmenter.postprocess and segmenter.spec.input_size == 32
     val = ImageSet.load(paths.val)
     prob = segmenter.predict_proba(val.images)
@@ -403,7 +403,7 @@ def test_both_segmenters_are_registered_in_mlflow_and_served_as_they_predict(tmp
     import mlflow
 
     from medpipe.segmentation import stage as pixel_stage
-    from medpipe.segmentation.predictor import load_segmenter
+    from medpipe.predictors import load_any
     from medpipe.tracking.models import find_model_version
     from medpipe.training import stage
 
@@ -421,7 +421,7 @@ def test_both_segmenters_are_registered_in_mlflow_and_served_as_they_predict(tmp
         run = mlflow.get_run(version.run_id)
         assert run.data.tags["model"] == name and "best_dice" in run.data.metrics
         served = np.asarray(mlflow.pyfunc.load_model(f"models:/{version.name}/{version.version}").predict(val.images))
-        expected = load_segmenter(model_file).predict_proba(val.images)
+        expected = load_any(model_file, "segmentation").predict_proba(val.images)
         assert served.shape == val.masks.shape
         np.testing.assert_allclose(served, expected, atol=1e-5)
     history = mlflow.MlflowClient().get_metric_history(find_model_version(unet.out / "model.pt").run_id, "val_dice")

@@ -12,15 +12,18 @@ from pathlib import Path
 
 import joblib
 
-from medpipe import config, tracking
+from medpipe import config
 from medpipe.classical.config import ClassicalConfig
 from medpipe.classical.models import ImageClassifier, TrainResult, train_all
 from medpipe.data.imageset import ImageSet
 from medpipe.io import atomic_dir, atomic_path, write_json
+from medpipe.tracking.models import log_trained_model
+from medpipe.tracking.runs import start_run
 
 log = logging.getLogger(__name__)
 STAGE = "train_classical"
 VALIDATION_FILE = "validation.json"
+LOADER = "medpipe.classical.predictor"   # the module that loads the saved models (named in MLflow)
 
 
 @dataclass(frozen=True)
@@ -47,10 +50,10 @@ def log_models(result: TrainResult, out: Path, final: Path, dataset: str, seed: 
         params = {"seed": seed, "classical": cfg.model_dump()}
         if trained.best_params:
             params["best"] = trained.best_params
-        with tracking.start_run(STAGE, dataset, name, params):
+        with start_run(STAGE, dataset, name, params):
             timings = {"fit_seconds": trained.fit_seconds, "feature_seconds": result.feature_seconds}
-            tracking.log_trained_model(out / f"{name}.joblib", trained.model, example, dataset, name,
-                                       trained.metrics, timings, recorded_as=final / f"{name}.joblib")
+            log_trained_model(out / f"{name}.joblib", trained.model, example, dataset, name, trained.metrics,
+                              timings, recorded_as=final / f"{name}.joblib", loader=LOADER)
 
 
 def run(params: dict, paths: ClassicalPaths) -> TrainResult:

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from medpipe import config, tracking
+from medpipe import config
 from medpipe.data.imageset import ImageSet
 from medpipe.errors import UserError
 from medpipe.evaluation import compare, ensemble
@@ -35,10 +35,12 @@ from medpipe.evaluation.scores import evaluate_with_ci
 from medpipe.evaluation.summary import markdown_summary
 from medpipe.evaluation.tta import predict_proba_tta
 from medpipe.io import atomic_dir, atomic_path, write_json
-from medpipe.predictors import ModelFile, classical_models, deep_models, load_any, pixel_classifier
+from medpipe.predictors import ModelFile, classical_models, deep_models, pixel_classifier
 from medpipe.segmentation.config import SegmentConfig
 from medpipe.segmentation.metrics import per_image_scores
 from medpipe.segmentation.postprocess import to_masks
+from medpipe.segmentation.viz import contour_grid, pick_examples
+from medpipe.tracking.models import set_champion
 
 log = logging.getLogger(__name__)
 PLOT_KINDS = ("confusion", "roc", "pr", "calibration")
@@ -121,7 +123,7 @@ def evaluate_classifier(files: list[ModelFile], test: ImageSet, val: ImageSet | 
     scored = []
     for k, mf in enumerate(files):
         log.info("evaluating %s (%s)", mf.name, mf.path)
-        scored.append(score_classifier(load_any(mf.path), mf, test, val, cfg, seed, out if k == 0 else None))
+        scored.append(score_classifier(mf.load(), mf, test, val, cfg, seed, out if k == 0 else None))
     predictions = test_predictions(test, [f.seed if f.seed is not None else seed for f in files],
                                    [r.proba for r in scored])
     details = {str(mf.seed) if mf.seed is not None else "-": r.details for mf, r in zip(files, scored, strict=True)}
@@ -189,7 +191,7 @@ def evaluate_segmenter(files: list[ModelFile], test: ImageSet, cleanup, seed: in
     tta_scores: dict[str, list[np.ndarray]] = defaultdict(list)
     for k, mf in enumerate(files):
         log.info("evaluating %s (%s)", mf.name, mf.path)
-        model = load_any(mf.path)
+        model = mf.load()
         masks = model.predict_masks(test.images, cleanup)
         per_image = per_image_scores(test.masks, masks)
         append_lesion_scores(scores, per_image, lesion)
@@ -214,8 +216,6 @@ def evaluate_segmenter(files: list[ModelFile], test: ImageSet, cleanup, seed: in
 
 
 def contour_figure(path: Path, test: ImageSet, masks: np.ndarray, dice: np.ndarray, n: int, name: str) -> None:
-    from medpipe.segmentation.viz import contour_grid, pick_examples
-
     index = pick_examples(test.masks, n)
     contour_grid(path, test.images[index], test.masks[index], masks[index], dice[index], f"{name}, test split")
 
@@ -274,7 +274,7 @@ def crown(champion: tuple[str, float, Candidate] | None, metric: str, ensemble_f
     record = {"model": name, "seed": chosen.seed, "file": str(chosen.path), "selected_by": f"mean validation {metric}",
               "validation_score": round(score, 6)}
     try:
-        alias = tracking.set_champion(chosen.path)
+        alias = set_champion(chosen.path)
         log.info("MLflow champion alias: %s", alias)
         # champion.json is a cached output: it names the alias, never the store's run id or version number,
         # which differ from store to store and from run to run

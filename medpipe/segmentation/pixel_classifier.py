@@ -13,7 +13,9 @@ image has a lesion), so small lesions count as much as large ones.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import joblib
 import numpy as np
 from scipy import ndimage
 from skimage.feature import multiscale_basic_features
@@ -144,3 +146,8 @@ class PixelSegmenter:
     def predict_masks(self, images: np.ndarray, cleanup) -> np.ndarray:
         """Masks at ``cfg.threshold``, cleaned up as ``cleanup`` (``segment.cleanup``) says when ``cfg.postprocess``."""
         return to_masks(self.predict_proba(images), self.threshold, self.postprocess, cleanup)
+
+
+def load(path: str | Path) -> PixelSegmenter:
+    """The pixel classifier from its ``.joblib`` file (the loader ``train_pixel_classifier`` names in MLflow)."""
+    return joblib.load(path)

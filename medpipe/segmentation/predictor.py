@@ -1,10 +1,8 @@
-"""Segmenters rebuilt from the files their training stages write, behind one interface.
+"""The U-Net rebuilt from the file its training stage writes.
 
-- ``models/<unet>/seed<k>/model.pt``: a training-loop checkpoint whose ``extra`` holds the U-Net spec,
-  the normalisation and the inference precision;
-- ``models/pixel_classifier/model.joblib``: the fitted :class:`PixelSegmenter`.
-
-Both give ``predict_proba(images uint8 (N, H, W, 3)) -> (N, H, W)`` lesion probabilities and
+``models/<unet>/seed<k>/model.pt`` is a training-loop checkpoint whose ``extra`` holds the U-Net spec, the
+normalisation and the inference precision. :class:`UNetSegmenter` and the pixel classifier's
+:class:`~medpipe.segmentation.pixel_classifier.PixelSegmenter` both give ``predict_proba(images uint8 (N, H, W, 3)) -> (N, H, W)`` lesion probabilities and
 ``predict_masks(images, cleanup)``: thresholded and, where the segmenter asks for it, cleaned up.
 """
 
@@ -19,6 +17,7 @@ from medpipe.segmentation.config import CleanupConfig, UNetSpec
 from medpipe.segmentation.postprocess import to_masks
 from medpipe.segmentation.train import predict_unet
 from medpipe.segmentation.unet import build_unet
+from medpipe.training.checkpoint import load_checkpoint
 
 
 class UNetSegmenter:
@@ -35,8 +34,6 @@ class UNetSegmenter:
 
     @classmethod
     def load(cls, path: str | Path) -> UNetSegmenter:
-        from medpipe.training.checkpoint import load_checkpoint
-
         state = load_checkpoint(path)
         extra = state["extra"]
         spec = UNetSpec.model_validate(extra["unet"]).model_copy(update={"pretrained": False})
@@ -53,12 +50,6 @@ class UNetSegmenter:
         return to_masks(self.predict_proba(images), self.threshold, self.postprocess, cleanup)
 
 
-def load_segmenter(path: str | Path):
-    path = Path(path)
-    if path.suffix == ".pt":
-        return UNetSegmenter.load(path)
-    if path.suffix == ".joblib":
-        import joblib
-
-        return joblib.load(path)
-    raise ValueError(f"unknown segmenter file {path}: expected a .pt U-Net checkpoint or a .joblib pixel classifier")
+def load(path: str | Path) -> UNetSegmenter:
+    """The U-Net saved in a training checkpoint (the loader the ``train_segmenter`` stage names in MLflow)."""
+    return UNetSegmenter.load(path)

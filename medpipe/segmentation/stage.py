@@ -15,16 +15,19 @@ from pathlib import Path
 import joblib
 import numpy as np
 
-from medpipe import config, tracking
+from medpipe import config
 from medpipe.data.imageset import ImageSet, missing_masks
 from medpipe.io import atomic_dir, atomic_path, write_json
 from medpipe.segmentation.config import SegmentConfig
 from medpipe.segmentation.metrics import per_image_scores
 from medpipe.segmentation.pixel_classifier import PixelSegmenter
+from medpipe.tracking.models import log_trained_model
+from medpipe.tracking.runs import start_run
 
 log = logging.getLogger(__name__)
 STAGE = "train_pixel_classifier"
 MODEL_NAME = "pixel_classifier"
+LOADER = "medpipe.segmentation.pixel_classifier"   # the module that loads the saved model (named in MLflow)
 
 
 @dataclass(frozen=True)
@@ -58,14 +61,14 @@ def run(params: dict, paths: PixelClassifierPaths) -> dict:
             write_json(out / "validation.json", {"status": reason})
             return {"status": reason}
         config.seed_everything(seed)
-        with tracking.start_run(STAGE, dataset, MODEL_NAME, {"seed": seed, "segment": cfg.model_dump()}):
+        with start_run(STAGE, dataset, MODEL_NAME, {"seed": seed, "segment": cfg.model_dump()}):
             segmenter = PixelSegmenter(cfg.pixel_classifier, seed).fit(train.images, train.masks)
             with atomic_path(out / "model.joblib") as tmp:
                 joblib.dump(segmenter, tmp, compress=3)
             scores = validation_scores(val.masks, segmenter.predict_masks(val.images, cfg.cleanup))
             summary = {"status": "ok", "validation": scores}
             write_json(out / "validation.json", summary)
-            tracking.log_trained_model(out / "model.joblib", segmenter, val.images[:2], dataset, MODEL_NAME, scores,
-                                       recorded_as=paths.out / "model.joblib")
+            log_trained_model(out / "model.joblib", segmenter, val.images[:2], dataset, MODEL_NAME, scores,
+                              recorded_as=paths.out / "model.joblib", loader=LOADER)
     log.info("%s: validation %s", MODEL_NAME, scores)
     return summary

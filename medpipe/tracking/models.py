@@ -4,6 +4,10 @@
     proba = model.predict(images)      # classifiers: float (N, C), columns in class order
     prob = model.predict(images)       # segmenters: float32 (N, H, W) lesion probabilities
 
+A logged model names its loader: the module (``medpipe.training.predictor``, ...) whose ``load(path)``
+rebuilds the predictor from the model file. MLflow imports it when it loads the model; tracking itself never
+imports a model's code, so a training stage that logs a model does not depend on every other model's code.
+
 The link between a model file in DVC's cache and its MLflow run lives in MLflow, as tags on the run
 (``model_file``, ``model_md5``: the file's MD5, which is also DVC's hash of it), never in a file
 beside the model: that would change the model folder's DVC hash on every run.
@@ -12,6 +16,7 @@ beside the model: that would change the model folder's DVC hash on every run.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -38,12 +43,16 @@ def file_md5(path: Path) -> str:
 
 
 class ImagePyfunc(mlflow.pyfunc.PythonModel):
-    """Any medpipe predictor saved as a file: ``predict`` takes uint8 images and returns ``predict_proba``."""
+    """Any medpipe predictor saved as a file: ``predict`` takes uint8 images and returns ``predict_proba``.
+
+    ``loader``: the module whose ``load(path)`` rebuilds the predictor from the file (imported on loading).
+    """
+
+    def __init__(self, loader: str) -> None:
+        self.loader = loader
 
     def load_context(self, context: Any) -> None:
-        from medpipe.predictors import load_any
-
-        self.predictor = load_any(Path(context.artifacts["model"]))
+        self.predictor = importlib.import_module(self.loader).load(Path(context.artifacts["model"]))
 
     def predict(self, context, model_input, params=None):  # untyped: MLflow reads type hints as a schema
         return self.predictor.predict_proba(np.asarray(model_input).astype(np.uint8, copy=False))
@@ -58,8 +67,8 @@ def slim_checkpoint(checkpoint: Path, folder: Path) -> Path:
     return slim
 
 
-def log_model_file(model_file: Path, predictor: Any, example: np.ndarray, registered_name: str) -> Any:
-    """Log ``model_file`` as a pyfunc (with the medpipe code and a signature) and register it."""
+def log_model_file(model_file: Path, predictor: Any, example: np.ndarray, registered_name: str, loader: str) -> Any:
+    """Log ``model_file`` as a pyfunc loaded by ``loader`` (with the medpipe code and a signature); register it."""
     from mlflow.models import infer_signature
 
     example = np.ascontiguousarray(example.astype(np.uint8))
@@ -68,7 +77,7 @@ def log_model_file(model_file: Path, predictor: Any, example: np.ndarray, regist
         artifact = slim_checkpoint(model_file, Path(tmp)) if model_file.suffix == ".pt" else model_file
         return mlflow.pyfunc.log_model(
             name="model",
-            python_model=ImagePyfunc(),
+            python_model=ImagePyfunc(loader),
             artifacts={"model": str(artifact)},
             signature=signature,
             input_example=example,
@@ -81,8 +90,10 @@ def log_model_file(model_file: Path, predictor: Any, example: np.ndarray, regist
 
 def log_trained_model(model_file: Path, predictor: Any, example: np.ndarray, dataset: str, name: str,
                       validation: dict[str, Any], timings: dict[str, float] | None = None,
-                      recorded_as: Path | None = None) -> Any:
+                      recorded_as: Path | None = None, *, loader: str) -> Any:
     """Into the active run: validation metrics (``best_*``), timings, the registered model, the file's tags.
+
+    ``loader``: the module whose ``load(path)`` rebuilds ``predictor`` from ``model_file`` (see :class:`ImagePyfunc`).
 
     Does nothing outside a run (tracking switched off with ``MEDPIPE_TRACKING=off``).
     """
@@ -94,7 +105,7 @@ def log_trained_model(model_file: Path, predictor: Any, example: np.ndarray, dat
         mlflow.log_metrics({k: float(v) for k, v in timings.items()})
     # ``recorded_as``: where the file will live once the stage's output folder is renamed into place
     mlflow.set_tags({"model_file": (recorded_as or model_file).as_posix(), "model_md5": file_md5(model_file)})
-    return log_model_file(model_file, predictor, example, registered_model_name(dataset, name))
+    return log_model_file(model_file, predictor, example, registered_model_name(dataset, name), loader)
 
 
 def find_model_version(model_file: Path) -> Any | None:

@@ -1,6 +1,6 @@
 """Load a saved classifier and predict on uint8 images, with the training-time preprocessing.
 
-    clf = TorchClassifier.load("models/train_resnet/efficientnet_lite0.pt")
+    clf = load("models/efficientnet_lite0/seed42/model.pt")   # TorchClassifier.load likewise
     proba = clf.predict_proba(images)          # uint8 (N, H, W, 3) -> float (N, C)
     clf.class_names, clf.name, clf.model, clf.preprocess(images), clf.gradcam_target_layers()
 """
@@ -75,3 +75,8 @@ class TorchClassifier:
 
     def gradcam_target_layers(self) -> list[nn.Module]:
         return [self.model.gradcam_layer]
+
+
+def load(path: str | Path) -> TorchClassifier:
+    """The classifier saved in a training checkpoint (the loader the ``train`` stage names in MLflow)."""
+    return TorchClassifier.load(path)

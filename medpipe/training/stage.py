@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from medpipe import config, tracking
+from medpipe import config
 from medpipe.data import imageset
 from medpipe.data.imageset import ImageSet
 from medpipe.errors import UserError
@@ -45,6 +45,9 @@ from medpipe.io import atomic_dir, read_json, write_json
 from medpipe.runtime import configure_threads, register_worker
 from medpipe.segmentation.config import UNetSpec
 from medpipe.training.config import ClassifierSpec, ModelSpec, TrainConfig
+from medpipe.tracking.curves import EpochLog
+from medpipe.tracking.models import log_trained_model
+from medpipe.tracking.runs import start_run
 from medpipe.training.loop import FitResult
 
 log = logging.getLogger(__name__)
@@ -52,6 +55,8 @@ MODEL_FILE = "model.pt"
 VALIDATION_FILE = "validation.json"
 STAGE_MODULE = "stages.train"
 WORKER_ENV = ("LOCAL_RANK", "WORLD_SIZE")   # set by torchrun in each worker
+CLASSIFIER_LOADER = "medpipe.training.predictor"   # the modules that load the saved models (named in MLflow)
+UNET_LOADER = "medpipe.segmentation.predictor"
 
 
 class LaunchError(UserError, RuntimeError):
@@ -274,18 +279,18 @@ def train_and_write(params: dict, spec: ModelSpec, cfg: TrainConfig, paths: Trai
     with atomic_dir(paths.out) as out:
         run_params = {"seed": paths.seed, "dataset": dataset, "model": paths.model, "threads": threads,
                       "processes": world_size, "spec": spec.model_dump(), "train": cfg.model_dump()}
-        with tracking.start_run("train", dataset, paths.model, run_params, seed=paths.seed) as _, \
-                tracking.EpochLog(paths.live) as epochs:
+        with start_run("train", dataset, paths.model, run_params, seed=paths.seed) as _, EpochLog(paths.live) as epochs:
             start = time.perf_counter()
             log.info("training %s (%s, seed %d) on %d images, validating on %d; %d threads x %d processes",
                      paths.model, spec.arch, paths.seed, len(splits[0]), len(splits[1]), threads, world_size)
             predictor, result = fit_model(paths.model, spec, cfg, splits, paths.seed, out / MODEL_FILE, epochs.log)
             summary = {"status": "ok", **best_summary(result)}
             write_json(out / VALIDATION_FILE, summary)
-            tracking.log_trained_model(out / MODEL_FILE, predictor, splits[1].images[:2], dataset, paths.model,
-                                       summary["validation"], timings={"train_seconds": result.train_seconds,
-                                                                       "images_per_second": result.images_per_second},
-                                       recorded_as=paths.out / MODEL_FILE)
+            log_trained_model(out / MODEL_FILE, predictor, splits[1].images[:2], dataset, paths.model,
+                              summary["validation"], timings={"train_seconds": result.train_seconds,
+                                                              "images_per_second": result.images_per_second},
+                              recorded_as=paths.out / MODEL_FILE,
+                              loader=UNET_LOADER if isinstance(spec, UNetSpec) else CLASSIFIER_LOADER)
             log.info("%s seed %d: best epoch %d, validation %s (%.0f s)", paths.model, paths.seed, result.best_epoch,
                      summary["validation"], time.perf_counter() - start)
     return summary
