@@ -19,12 +19,14 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+import medpipe
 from medpipe import cli
 from medpipe.errors import UserError
 from medpipe.evaluation.compare import (
@@ -64,8 +66,19 @@ class Settings:
     seed: int = 0
 
 
+def dvc_executable() -> str:
+    """The ``dvc`` installed beside this interpreter (a venv need not be activated), else the one on PATH."""
+    beside = Path(sys.executable).parent / "dvc"
+    return str(beside) if beside.is_file() else "dvc"
+
+
 def run_command(cmd: Sequence[str]) -> Result:
-    proc = subprocess.run(list(cmd), capture_output=True, text=True, check=False)
+    cmd = [dvc_executable(), *cmd[1:]] if cmd and cmd[0] == "dvc" else list(cmd)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise ReportError(f"`{cmd[0]}` was not found: install medpipe's requirements (pip install -r "
+                          "requirements.txt) in the environment that runs medpipe-report") from None
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
 
@@ -77,6 +90,21 @@ def _checked(runner: Runner, cmd: Sequence[str]) -> str:
 
 
 # --------------------------------------------------------------------------- files at the base revision
+
+
+def _not_in_cache(path: PurePosixPath, rev: str) -> ReportError:
+    return ReportError(
+        f"the outputs of `{rev}` ({path}) are neither in this clone's DVC cache nor on a DVC remote it can "
+        f"reach: get them with `git checkout {rev} && dvc pull {path}` (or `dvc repro evaluate` there), "
+        "then `git checkout -` and run medpipe-report again"
+    )
+
+
+def _missing_data_errors() -> tuple[type[Exception], ...]:
+    """What DVC raises for an output it knows at a revision but whose data it cannot find."""
+    from dvc_data.index import DataIndexError
+
+    return (DataIndexError,)
 
 
 def _dvc_errors() -> tuple[type[Exception], ...]:
@@ -94,6 +122,8 @@ def read_at_revision(path: PurePosixPath, rev: str, runner: Runner = run_command
     try:
         with dvc.api.open(path.as_posix(), rev=rev) as handle:
             return handle.read()
+    except _missing_data_errors():
+        raise _not_in_cache(path, rev) from None
     except _dvc_errors():
         result = runner(["git", "show", f"{rev}:{path.as_posix()}"])
         return result.stdout if result.returncode == 0 else None
@@ -106,6 +136,8 @@ def files_at_revision(directory: PurePosixPath, rev: str, runner: Runner = run_c
     try:
         entries = DVCFileSystem(".", rev=rev).ls(directory.as_posix(), detail=True)
         return sorted(PurePosixPath(e["name"]).name for e in entries if e["type"] == "file")
+    except _missing_data_errors():
+        raise _not_in_cache(directory, rev) from None
     except _dvc_errors():
         result = runner(["git", "ls-tree", "--name-only", rev, f"{directory.as_posix()}/"])
         if result.returncode != 0:
@@ -304,7 +336,9 @@ def plots_section(runner: Runner, base: str, plots_out: Path | None) -> list[str
 def build_report(base: str, runner: Runner = run_command, predictions_dir: Path = PREDICTIONS_DIR,
                  plots_out: Path | None = None, settings: Settings = Settings()) -> str:
     """The whole Markdown report of the workspace against ``base`` (run from the repository root)."""
-    _checked(runner, ["git", "rev-parse", "--verify", "--quiet", f"{base}^{{commit}}"])
+    if runner(["git", "rev-parse", "--verify", "--quiet", f"{base}^{{commit}}"]).returncode != 0:
+        raise ReportError(f"--base {base!r} is not a commit of this repository: name a branch, tag or commit "
+                          "(`git fetch` it first if it lives on a remote)")
     head = _checked(runner, ["git", "rev-parse", "--short", "HEAD"]).strip()
     params = _checked(runner, ["dvc", "params", "diff", base, "--md"]).strip()
     if len(params.splitlines()) <= 2:  # a table header without rows
@@ -319,8 +353,15 @@ def build_report(base: str, runner: Runner = run_command, predictions_dir: Path 
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="medpipe-report", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="medpipe-report", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.fill("A Markdown report of the workspace against a base revision: the parameters that changed, "
+                    "then for every model and headline metric the base and head values, their difference, a "
+                    "paired-bootstrap interval over the test images and a verdict (better, worse, within noise), "
+                    "then the plots that changed.", 100),
+        epilog="examples:\n  medpipe-report --base main --out report.md\n"
+               "  medpipe-report --base HEAD~1 --plots-out report_plots")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {medpipe.__version__}")
     parser.add_argument("--base", default="main", help="git revision to compare with (default: main)")
     parser.add_argument("--out", type=Path, help="write the Markdown here (default: stdout)")
     parser.add_argument("--predictions", type=Path, default=PREDICTIONS_DIR,

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import sys
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+# `.venv/bin/python -m pytest` without an activated venv: the dvc, mlflow and medpipe-* commands the tests run are
+# the ones installed beside this interpreter
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 # the `project` fixture (a copy of the repository on a tiny dataset) for the tests that run real dvc/mlflow
 pytest_plugins = ("tests.dvc_project",)

@@ -136,5 +136,33 @@ def test_base_file_falls_back_to_git_show_when_dvc_cannot_serve_it(monkeypatch):
 def test_unknown_base_revision_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     git(tmp_path, "init", "-q")
-    with pytest.raises(report.ReportError, match="rev-parse"):
+    with pytest.raises(report.ReportError, match="--base 'no-such-branch' is not a commit of this repository"):
         report.build_report("no-such-branch")
+
+
+@pytest.mark.skipif(shutil.which("dvc") is None, reason="needs the dvc command")
+def test_base_outputs_missing_from_the_cache_give_one_line_that_says_how_to_get_them(repo, capsys):
+    """A reviewer's fresh clone: the base revision's predictions are in no cache and there is no remote."""
+    labels = labelled_images()
+    predictions = repo / "reports/predictions"
+    write_predictions(predictions, cnn=classifier(labels, right_on(140)))
+    commit_base(repo, predictions)
+    shutil.rmtree(repo / ".dvc" / "cache")
+    with pytest.raises(SystemExit) as exit_info:
+        report.main(["--base", "main", "--resamples", "50"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "neither in this clone's DVC cache nor on a DVC remote" in err
+    assert "git checkout main && dvc pull reports/predictions" in err
+
+
+def test_report_runs_the_dvc_beside_its_interpreter(monkeypatch, tmp_path):
+    """Without an activated venv, PATH may hold no dvc: the one installed beside the interpreter is used."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "dvc").write_text("#!/bin/sh\necho from-beside $@\n")
+    (fake_bin / "dvc").chmod(0o755)
+    monkeypatch.setattr(report.sys, "executable", str(fake_bin / "python"))
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert report.run_command(["dvc", "params", "diff"]).stdout == "from-beside params diff\n"
