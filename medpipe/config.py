@@ -21,7 +21,7 @@ from medpipe.errors import UserError
 PARAMS_FILE = "params.yaml"
 SECTIONS = (
     "seed", "seeds", "dataset", "image_size", "download", "preprocess", "split", "augment",
-    "train", "classifiers", "segmenters", "models", "classical", "segment", "evaluate",
+    "train", "classifiers", "segmenters", "models", "classical", "segment", "evaluate", "review",
 )
 
 

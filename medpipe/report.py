@@ -27,9 +27,11 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 import medpipe
-from medpipe import cli
+from medpipe import cli, config
 from medpipe.errors import UserError
 from medpipe.evaluation.compare import (
+    CLASSIFIER_METRICS,
+    SEGMENTER_METRICS,
     WITHIN_NOISE,
     Comparison,
     Predictions,
@@ -41,6 +43,7 @@ from medpipe.evaluation.compare import (
 )
 
 PREDICTIONS_DIR = Path("reports/predictions")
+GUARD_FAILED = 3  # the exit status of `medpipe-report --guard` when a guarded verdict is `worse`
 
 
 class ReportError(UserError, RuntimeError):
@@ -241,21 +244,21 @@ def verdict_table(results: Sequence[ModelResult], confidence: float) -> list[str
 
 def verdict_section(
     base: str, predictions_dir: Path, settings: Settings, runner: Runner = run_command
-) -> list[str]:
-    """The "Model verdicts" section: the verdict table, the split-changed note, added and removed models."""
+) -> tuple[list[str], list[ModelResult]]:
+    """The "Model verdicts" section (the verdict table, the split-changed note, added and removed models) and
+    the paired results it shows."""
     directory = PurePosixPath(predictions_dir.as_posix())
     head_models = _models([p.name for p in predictions_dir.glob("*.csv")])
     base_models = _models(files_at_revision(directory, base, runner))
     lines = ["## Model verdicts", ""]
     if not head_models and not base_models:
-        return lines + [f"No prediction files in `{directory}/` (the `evaluate` stage writes them).", ""]
+        return lines + [f"No prediction files in `{directory}/` (the `evaluate` stage writes them).", ""], []
     results, unchanged = [], []
     for model in sorted(set(head_models) & set(base_models)):
         path = directory / f"{model}.csv"
         text = read_at_revision(path, base, runner)
         if text is None:
-            raise ReportError(f"{path} is listed at `{base}` but cannot be read there "
-                              f"(is its DVC cache fetched? `dvc fetch --rev {base}`)")
+            raise _not_in_cache(directory, base)
         base_pred = load_predictions(text, name=f"{path} at {base}")
         head_pred = load_predictions(predictions_dir / f"{model}.csv")
         if identical(base_pred, head_pred):
@@ -267,7 +270,7 @@ def verdict_section(
         lines += ["", "Unchanged (the same prediction for every test image and seed): "
                   + ", ".join(f"`{m}`" for m in unchanged) + "."]
     lines += [*_added_removed(head_models, base_models), ""]
-    return lines
+    return lines, results
 
 
 def _verdict_body(base: str, settings: Settings, results: Sequence[ModelResult]) -> list[str]:
@@ -310,6 +313,46 @@ def _added_removed(head_models: Sequence[str], base_models: Sequence[str]) -> li
     return lines
 
 
+# --------------------------------------------------------------------------- the guard
+
+
+@dataclass(frozen=True)
+class Guard:
+    """The (model, metric) verdicts a pull request must not make worse (``review`` in params.yaml)."""
+
+    models: tuple[str, ...]
+    metrics: tuple[str, ...]
+
+    @classmethod
+    def from_params(cls, path: Path) -> Guard:
+        review = config.load_params(path).get("review") or {}
+        unknown_keys = sorted(set(review) - {"guard_models", "guard_metrics"})
+        if unknown_keys:
+            raise config.ParamsError(f"{path}: review has unknown key(s) {unknown_keys}; known: guard_models, "
+                                     "guard_metrics")
+        models, metrics = review.get("guard_models") or [], review.get("guard_metrics") or []
+        if not all(isinstance(m, str) for m in [*models, *metrics]):
+            raise config.ParamsError(f"{path}: review.guard_models and review.guard_metrics are lists of names")
+        known = (*CLASSIFIER_METRICS, *SEGMENTER_METRICS)
+        unknown = sorted(set(metrics) - set(known))
+        if unknown:
+            raise config.ParamsError(f"{path}: review.guard_metrics {unknown} are not headline metrics {list(known)}")
+        return cls(tuple(models), tuple(metrics))
+
+    def failures(self, results: Sequence[ModelResult]) -> list[str]:
+        """One line per guarded paired verdict that is `worse`."""
+        return [f"`{r.model}` {c.metric}: worse ({_number(c.base)} -> {_number(c.head)}, interval "
+                f"[{_number(c.ci_low, True)}, {_number(c.ci_high, True)}])"
+                for r in results if r.paired and r.model in self.models
+                for c in r.comparisons if c.metric in self.metrics and c.verdict == "worse"]
+
+    def section(self, results: Sequence[ModelResult]) -> list[str]:
+        failed = self.failures(results)
+        watched = f"{', '.join(f'`{m}`' for m in self.models)} on {', '.join(self.metrics)}"
+        lines = ["## Guard", "", f"Watched (params.yaml `review`): {watched}.", ""]
+        return lines + ([f"- **failed**: {line}" for line in failed] or ["Passed: no watched verdict is worse."])
+
+
 # --------------------------------------------------------------------------- the rest of the report
 
 
@@ -317,6 +360,16 @@ def changed_plot_files(runner: Runner, base: str, plots_dir: str = "plots") -> l
     """Plot data files tracked by git that differ between ``base`` and the workspace."""
     out = _checked(runner, ["git", "diff", "--name-only", base, "--", plots_dir])
     return sorted(line for line in out.splitlines() if line.strip())
+
+
+def figures_section(folder: Path | None, most: int = 8) -> list[str]:
+    """Markdown images of the PNG figures under ``folder`` (CML uploads the files a comment links)."""
+    if folder is None:
+        return []
+    pngs = sorted(folder.rglob("*.png"))
+    links = [f"![{png.relative_to(folder).with_suffix('').as_posix()}]({png.as_posix()})" for png in pngs[:most]]
+    more = [f"", f"{len(pngs) - most} more under `{folder}/`."] if len(pngs) > most else []
+    return ["", "## Figures", "", *(links or [f"No PNG figure under `{folder}/`."]), *more]
 
 
 def plots_section(runner: Runner, base: str, plots_out: Path | None) -> list[str]:
@@ -333,9 +386,22 @@ def plots_section(runner: Runner, base: str, plots_out: Path | None) -> list[str
     return lines
 
 
+@dataclass(frozen=True)
+class Report:
+    text: str                   # the Markdown
+    guard_failures: list[str]   # the guarded verdicts that are `worse` (empty without a guard)
+
+
 def build_report(base: str, runner: Runner = run_command, predictions_dir: Path = PREDICTIONS_DIR,
                  plots_out: Path | None = None, settings: Settings = Settings()) -> str:
     """The whole Markdown report of the workspace against ``base`` (run from the repository root)."""
+    return make_report(base, runner, predictions_dir, plots_out, settings).text
+
+
+def make_report(base: str, runner: Runner = run_command, predictions_dir: Path = PREDICTIONS_DIR,
+                plots_out: Path | None = None, settings: Settings = Settings(), guard: Guard | None = None,
+                figures: Path | None = None) -> Report:
+    """The report and, with a ``guard``, its section and the guarded verdicts that are worse."""
     if runner(["git", "rev-parse", "--verify", "--quiet", f"{base}^{{commit}}"]).returncode != 0:
         raise ReportError(f"--base {base!r} is not a commit of this repository: name a branch, tag or commit "
                           "(`git fetch` it first if it lives on a remote)")
@@ -343,13 +409,16 @@ def build_report(base: str, runner: Runner = run_command, predictions_dir: Path 
     params = _checked(runner, ["dvc", "params", "diff", base, "--md"]).strip()
     if len(params.splitlines()) <= 2:  # a table header without rows
         params = ""
+    verdicts, results = verdict_section(base, Path(predictions_dir), settings, runner)
     lines = [
         f"# medpipe report: workspace (HEAD {head}) vs `{base}`", "",
+        *(guard.section(results) + [""] if guard else []),
         "## Parameters changed", "", params or "No parameter changed.", "",
-        *verdict_section(base, Path(predictions_dir), settings, runner),
+        *verdicts,
         *plots_section(runner, base, plots_out),
+        *figures_section(figures),
     ]
-    return "\n".join(lines) + "\n"
+    return Report("\n".join(lines) + "\n", guard.failures(results) if guard else [])
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -371,15 +440,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--confidence", type=float, default=Settings.confidence, help="interval level")
     parser.add_argument("--seed", type=int, default=Settings.seed, help="seed of the bootstrap draws")
     parser.add_argument("--plots-out", type=Path, help="also render `dvc plots diff` HTML into this folder")
+    parser.add_argument("--guard", action="store_true",
+                        help=f"exit with status {GUARD_FAILED} (after writing the report) when a verdict that "
+                             "params.yaml's `review` section watches is worse")
+    parser.add_argument("--figures", type=Path,
+                        help="add the PNG figures under this folder as images (e.g. reports/evaluate)")
+    parser.add_argument("--params", type=Path, default=Path(config.PARAMS_FILE),
+                        help="the params file whose `review` section --guard reads (default: params.yaml)")
     args = parser.parse_args(argv)
 
     def go() -> None:
         settings = Settings(args.resamples, args.confidence, args.seed)
-        text = build_report(args.base, run_command, args.predictions, args.plots_out, settings)
+        guard = Guard.from_params(args.params) if args.guard else None
+        report = make_report(args.base, run_command, args.predictions, args.plots_out, settings, guard,
+                             args.figures)
         if args.out:
-            args.out.write_text(text)
+            args.out.write_text(report.text)
         else:
-            sys.stdout.write(text)
+            sys.stdout.write(report.text)
+        if report.guard_failures:
+            print("guard failed: " + "; ".join(report.guard_failures), file=sys.stderr)
+            sys.exit(GUARD_FAILED)
 
     cli.run(go)
 

@@ -166,3 +166,39 @@ def test_report_runs_the_dvc_beside_its_interpreter(monkeypatch, tmp_path):
     monkeypatch.setattr(report.sys, "executable", str(fake_bin / "python"))
     monkeypatch.setenv("PATH", "/nonexistent")
     assert report.run_command(["dvc", "params", "diff"]).stdout == "from-beside params diff\n"
+
+
+@pytest.mark.skipif(shutil.which("dvc") is None, reason="needs the dvc command")
+def test_guard_fails_the_check_on_a_watched_worse_verdict_after_writing_the_report(repo, capsys):
+    labels = labelled_images()
+    predictions = repo / "reports/predictions"
+    write_predictions(predictions, cnn=classifier(labels, right_on(170)), svm=classifier(labels, right_on(170)))
+    commit_base(repo, predictions)
+    write_predictions(predictions, cnn=classifier(labels, right_on(100)), svm=classifier(labels, right_on(100)))
+    (repo / "params.yaml").write_text("evaluate:\n  lr: 0.001\nreview:\n  guard_models: [cnn]\n"
+                                      "  guard_metrics: [accuracy]\n")
+    with pytest.raises(SystemExit) as exit_info:
+        report.main(["--base", "main", "--out", "report.md", "--guard", "--resamples", "200"])
+    assert exit_info.value.code == report.GUARD_FAILED
+    text = (repo / "report.md").read_text()
+    assert "## Guard" in text and "- **failed**: `cnn` accuracy: worse (0.8500 -> 0.5000" in text
+    assert "svm" not in capsys.readouterr().err  # a worse model that is not watched does not fail the check
+
+    (repo / "params.yaml").write_text("evaluate:\n  lr: 0.001\nreview:\n  guard_models: [svm]\n"
+                                      "  guard_metrics: [roc_auc]\n")
+    write_predictions(predictions, svm=classifier(labels, right_on(170)))
+    figures = repo / "reports/evaluate/figures"
+    figures.mkdir(parents=True)
+    (figures / "unet.png").write_bytes(b"\x89PNG")
+    report.main(["--base", "main", "--out", "report.md", "--guard", "--resamples", "200",  # exits 0: returns
+                 "--figures", "reports/evaluate"])
+    text = (repo / "report.md").read_text()
+    assert "Passed: no watched verdict is worse." in text
+    assert "![figures/unet](reports/evaluate/figures/unet.png)" in text
+
+
+def test_guard_refuses_an_unknown_metric(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("review:\n  guard_models: [cnn]\n  guard_metrics: [acuracy]\n")
+    with pytest.raises(report.config.ParamsError, match=r"review.guard_metrics \['acuracy'\] are not headline"):
+        report.Guard.from_params(params)

@@ -325,6 +325,9 @@ def test_pr_workflow_is_valid_and_every_command_exists():
     assert scripts["Install"] == "pip install -r requirements.txt"
     comment = next(s for s in steps if "cml comment" in s.get("run", ""))
     assert comment["env"]["REPO_TOKEN"] == "${{ secrets.GITHUB_TOKEN }}"
+    assert comment["run"].strip() == "cml comment update report.md"  # one comment per pull request, updated
+    assert "--guard" in scripts["Report"]  # a watched `worse` verdict fails the check...
+    assert comment["if"].startswith("always()")  # ...after the comment is posted
     assert flow["jobs"]["report"]["env"]["BASE"] == "${{ github.base_ref }}"
     provided_by_actions = {"cml"}  # iterative/setup-cml
     programs = {words[0] for script in scripts.values() for words in commands_of(script)}
@@ -360,8 +363,11 @@ def test_pr_workflow_steps_reproduce_and_report_against_the_base_branch(team, tm
     base_rev = exported["BASE_REV"]
     assert run(["git", "rev-parse", f"{base_rev}^"], repo, env).stdout == run(
         ["git", "rev-parse", "origin/main"], repo, env).stdout  # the base as reproduced here
-    run(["bash", "-ec", scripts["Report"]], repo, {**ci_env, **exported})
+    guarded = run(["bash", "-ec", scripts["Report"]], repo, {**ci_env, **exported}, check=False)
+    assert guarded.returncode in (0, 3), guarded.stderr  # 3: the guard found a watched verdict worse
     report = (repo / "report.md").read_text()
+    assert "## Guard" in report
+    assert (guarded.returncode == 3) == ("- **failed**:" in report), report
     assert "# medpipe report: workspace" in report and base_rev in report
     assert "classical.knn.n_neighbors" in report  # dvc params diff
     assert "## Model verdicts" in report
