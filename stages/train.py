@@ -1,4 +1,4 @@
-"""Stage `train`: train one deep model (a classifier or a segmenter of params.yaml's `models`) with one seed."""
+"""Stage `train`: train one deep classifier (of params.yaml's `models`) with one seed."""
 
 from medpipe.cli import stage_main
 from medpipe.training.stage import TrainPaths, run

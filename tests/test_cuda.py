@@ -7,7 +7,8 @@ import torch
 from medpipe.models.cnn import CNNS
 from medpipe.training.config import TrainConfig
 from medpipe.training.data import ArrayBatches
-from medpipe.training.loop import fit, predict_batches
+from medpipe.training.device import predict_batches
+from medpipe.training.loop import fit
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

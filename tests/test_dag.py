@@ -94,9 +94,21 @@ def test_stage_lists_exactly_the_modules_it_imports(name):
 
 def test_closure_follows_lazy_and_nested_imports(tmp_path, monkeypatch):
     """The closure sees a function-level import and the packages on the way (the check is not vacuous)."""
-    script = ROOT / "stages" / "train.py"
-    found = closure(script)
+    found = closure(ROOT / "stages" / "train.py")
     assert "medpipe/training/stage.py" in found
-    assert "medpipe/segmentation/train.py" in found          # imported inside a function of training/stage.py
-    assert "medpipe/segmentation/__init__.py" in found       # the package a module lives in runs first
+    assert "medpipe/training/runner.py" in found             # imported by training/stage.py
+    assert "medpipe/models/__init__.py" in found             # the package a module lives in runs first
     assert "medpipe/evaluation/stage.py" not in found        # training never imports the evaluation
+
+
+def test_each_training_stage_reaches_only_its_own_models():
+    """Classifiers, the U-Net, the classical models and the pixel classifier train in separate closures."""
+    classifiers = closure(ROOT / "stages" / "train.py")
+    unet = closure(ROOT / "stages" / "train_segmenter.py")
+    classical = closure(ROOT / "stages" / "train_classical.py")
+    pixel = closure(ROOT / "stages" / "train_pixel_classifier.py")
+    assert not any(m.startswith("medpipe/segmentation/") for m in classifiers)
+    assert "medpipe/segmentation/unet.py" in unet and "medpipe/training/classify.py" not in unet
+    assert not any(m.startswith(("medpipe/segmentation/", "medpipe/training/")) for m in classical)
+    assert "medpipe/segmentation/pixel_classifier.py" in pixel
+    assert not any(m.startswith("medpipe/training/") for m in pixel) and "medpipe/segmentation/unet.py" not in pixel

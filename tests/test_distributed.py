@@ -19,6 +19,7 @@ from torch import nn
 from medpipe import config
 from medpipe.predictors import load_any
 from medpipe.training import stage
+from medpipe.training.distributed import LaunchError
 from medpipe.training.checkpoint import load_checkpoint
 from medpipe.training.config import TrainConfig
 from medpipe.training.data import ArrayBatches
@@ -172,7 +173,7 @@ def test_several_processes_need_the_stage_command(tmp_path, monkeypatch):
                              tmp_path / "out", tmp_path / "live")
     params = {"seed": 0, "seeds": [0], "dataset": "tiny", "train": fast_train(processes=2, device="cpu"),
               "models": {"cnn_two_conv": TINY_MODELS["cnn_two_conv"]}}
-    with pytest.raises(stage.LaunchError, match="python -m stages.train"):
+    with pytest.raises(LaunchError, match="python -m stages.train"):
         stage.run(params, paths)
     assert list(tmp_path.iterdir()) == []
 

@@ -309,8 +309,9 @@ def train_models(root: Path, p: dict) -> None:
     """models/ as the training stages leave it, from their own ``run`` functions."""
     from medpipe.classical.stage import ClassicalPaths
     from medpipe.classical.stage import run as run_classical
-    from medpipe.segmentation.stage import PixelClassifierPaths
-    from medpipe.segmentation.stage import run as run_pixel_classifier
+    from medpipe.segmentation.pixel_classifier_stage import PixelClassifierPaths
+    from medpipe.segmentation.pixel_classifier_stage import run as run_pixel_classifier
+    from medpipe.segmentation.unet_stage import run as run_segmenter
     from medpipe.training.stage import TrainPaths
     from medpipe.training.stage import run as run_training
 
@@ -318,9 +319,9 @@ def train_models(root: Path, p: dict) -> None:
     make_set(size=16, seed=1, masks=True).save(root / "val.npz")
     make_set(size=16, seed=2, masks=True).save(root / "test.npz")
     (root / "normalization.json").write_text(json.dumps({"mode": "mean_std", "mean": [0.3] * 3, "std": [0.25] * 3}))
-    for name in p["classifiers"] + p["segmenters"]:
+    for name, run_stage in [(n, run_training) for n in p["classifiers"]] + [(n, run_segmenter) for n in p["segmenters"]]:
         for seed in p["seeds"]:
-            run_training(p, TrainPaths(name, seed, root / "train.npz", root / "val.npz", root / "normalization.json",
+            run_stage(p, TrainPaths(name, seed, root / "train.npz", root / "val.npz", root / "normalization.json",
                                        root / f"models/{name}/seed{seed}", root / f"live/{name}/seed{seed}"))
     run_classical(p, ClassicalPaths(root / "train.npz", root / "val.npz", root / "models/classical"))
     run_pixel_classifier(p, PixelClassifierPaths(root / "train.npz", root / "val.npz", root / "models/pixel_classifier"))

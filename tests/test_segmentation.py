@@ -1,5 +1,5 @@
 """Segmentation: metrics on hand-made masks, the loss, joint augmentation, pixel features, the U-Net, its run of
-the ``train`` stage, mask clean-up, and the ``train_pixel_classifier`` stage."""
+the ``train_segmenter`` stage, mask clean-up, and the ``train_pixel_classifier`` stage."""
 
 from __future__ import annotations
 
@@ -12,14 +12,15 @@ import torch
 from medpipe.config import ParamsError, load_section
 from medpipe.data.imageset import ImageSet
 from medpipe.segmentation import metrics as M
-from medpipe.segmentation.config import CleanupConfig, SegmentConfig, UNetSpec
+from medpipe.segmentation.config import CleanupConfig, SegmentConfig
 from medpipe.segmentation.losses import DiceBCELoss, soft_dice_loss
 from medpipe.segmentation.pixel_classifier import PixelSegmenter, pixel_features, sample_pixels
 from medpipe.segmentation.postprocess import postprocess, to_masks
 from medpipe.segmentation.train import batch_dice, mean_dice
 from medpipe.segmentation.unet import build_unet
+from medpipe.segmentation.unet_config import UNetSpec
+from medpipe.segmentation.unet_stage import TrainPaths, model_spec
 from medpipe.training.config import TrainConfig
-from medpipe.training.stage import TrainPaths, model_spec
 
 
 def square(size=32, top=8, left=8, side=10):
@@ -304,7 +305,7 @@ def _unet_paths(root, seed=0) -> TrainPaths:
 
 
 def _pixel_paths(root):
-    from medpipe.segmentation.stage import PixelClassifierPaths
+    from medpipe.segmentation.pixel_classifier_stage import PixelClassifierPaths
 
     return PixelClassifierPaths(root / "train.npz", root / "val.npz", root / "models" / "pixel_classifier")
 
@@ -330,8 +331,8 @@ def no_mlflow(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize(("masks", "reason"), [(False, "no segmentation masks"), ("empty", "nothing to learn")])
 def test_both_stages_skip_with_a_reason_on_a_dataset_without_masks(tmp_path, masks, reason):
-    from medpipe.segmentation import stage as pixel_stage
-    from medpipe.training import stage
+    from medpipe.segmentation import pixel_classifier_stage as pixel_stage
+    from medpipe.segmentation import unet_stage as stage
 
     root = _splits(tmp_path, np.random.default_rng(0), masks=masks is not False)
     if masks == "empty":  # masks exist, but no training image has a lesion
@@ -348,7 +349,7 @@ def test_both_stages_skip_with_a_reason_on_a_dataset_without_masks(tmp_path, mas
 
 def test_unet_stage_trains_and_its_model_scores_what_validation_json_says(tmp_path):
     from medpipe.segmentation.predictor import UNetSegmenter, load
-    from medpipe.training import stage
+    from medpipe.segmentation import unet_stage as stage
 
     root = _splits(tmp_path, np.random.default_rng(0))
     paths = _unet_paths(root)
@@ -377,7 +378,7 @@ def test_unet_stage_trains_and_its_model_scores_what_validation_json_says(tmp_pa
 def test_pixel_classifier_stage_writes_a_model_that_scores_what_validation_json_says(tmp_path):
     import joblib
 
-    from medpipe.segmentation import stage as pixel_stage
+    from medpipe.segmentation import pixel_classifier_stage as pixel_stage
 
     root = _splits(tmp_path, np.random.default_rng(0))
     paths = _pixel_paths(root)
@@ -402,10 +403,10 @@ def test_pixel_classifier_stage_writes_a_model_that_scores_what_validation_json_
 def test_both_segmenters_are_registered_in_mlflow_and_served_as_they_predict(tmp_path, monkeypatch):
     import mlflow
 
-    from medpipe.segmentation import stage as pixel_stage
+    from medpipe.segmentation import pixel_classifier_stage as pixel_stage
     from medpipe.predictors import load_any
     from medpipe.tracking.models import find_model_version
-    from medpipe.training import stage
+    from medpipe.segmentation import unet_stage as stage
 
     monkeypatch.setenv("MEDPIPE_TRACKING", "on")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/m.db")

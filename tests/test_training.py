@@ -1,6 +1,6 @@
 """The generic training loop, batches, online augmentation, checkpoints, class imbalance, the ``train``
 stage end to end for a classifier (with MLflow against a temporary store), its byte-stable outputs and
-the validation of ``train``/``models`` (the U-Net's run of the same stage is in test_segmentation.py)."""
+the validation of ``train``/``models`` (the U-Net's stage, ``train_segmenter``, is in test_segmentation.py)."""
 
 from __future__ import annotations
 
@@ -433,9 +433,12 @@ def test_train_cnn_end_to_end_beats_chance(data):
 def test_stage_outputs_hold_no_timings_and_a_rerun_writes_the_same_bytes(data, model):
     """model.pt, validation.json and the DVCLive files are what dvc.lock hashes: a rerun on the same
     inputs must not move them (no timings, no timestamps, no temporary names inside the files)."""
+    from medpipe.segmentation import unet_stage
+
+    run = unet_stage.run if model == "unet" else stage.run   # train_segmenter / train
     params = cnn_params(models=TINY_MODELS, epochs=2)
     paths = train_paths(data, model)
-    summary = stage.run(params, paths)
+    summary = run(params, paths)
     assert summary["status"] == "ok" and summary["epochs_run"] == 2
     out, live = files(paths.out), files(paths.live)
     assert sorted(out) == ["model.pt", "validation.json"]
@@ -454,7 +457,7 @@ def test_stage_outputs_hold_no_timings_and_a_rerun_writes_the_same_bytes(data, m
     if "metrics.json" in live:
         assert timing_keys(json.loads(live["metrics.json"])) == []
 
-    stage.run(params, paths)
+    run(params, paths)
     again_out, again_live = files(paths.out), files(paths.live)
     assert again_out["validation.json"] == out["validation.json"]
     assert again_out["model.pt"] == out["model.pt"], "model.pt changed on a rerun with the same inputs"
@@ -640,17 +643,19 @@ def test_splits_with_different_classes_are_refused(data):
 
 
 def test_repository_params_validate():
-    from medpipe.segmentation.config import SegmentConfig, UNetSpec
+    from medpipe.segmentation import unet_stage
+    from medpipe.segmentation.config import SegmentConfig
+    from medpipe.segmentation.unet_config import UNetSpec
 
     params = config.load_params()
     base = config.load_section(params, "train", TrainConfig)
     for name in params["classifiers"]:
         assert isinstance(stage.model_spec(params, name), ClassifierSpec), name
     for name in params["segmenters"]:
-        spec = stage.model_spec(params, name)
+        spec = unet_stage.model_spec(params, name)
         assert isinstance(spec, UNetSpec) and spec.train_config(base).monitor == "dice", name
-    for name in params["models"]:
-        stage.model_spec(params, name)
+    for name, entry in params["models"].items():
+        (unet_stage if entry["arch"] == "unet" else stage).model_spec(params, name)
     assert config.training_seeds(params)
     config.load_section(params, "segment", SegmentConfig)
     assert isinstance(params["train"]["lr"], float)  # `dvc exp run -S train.lr=1e-4` sets an existing key

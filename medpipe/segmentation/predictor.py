@@ -2,22 +2,57 @@
 
 ``models/<unet>/seed<k>/model.pt`` is a training-loop checkpoint whose ``extra`` holds the U-Net spec, the
 normalisation and the inference precision. :class:`UNetSegmenter` and the pixel classifier's
-:class:`~medpipe.segmentation.pixel_classifier.PixelSegmenter` both give ``predict_proba(images uint8 (N, H, W, 3)) -> (N, H, W)`` lesion probabilities and
-``predict_masks(images, cleanup)``: thresholded and, where the segmenter asks for it, cleaned up.
+:class:`~medpipe.segmentation.pixel_classifier.PixelSegmenter` both give ``predict_proba(images uint8
+(N, H, W, 3)) -> (N, H, W)`` lesion probabilities and ``predict_masks(images, cleanup)``: thresholded and,
+where the segmenter asks for it, cleaned up. Prediction needs nothing of the U-Net's training code.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from medpipe.segmentation.config import CleanupConfig, UNetSpec
+from medpipe.models.efficientnet import IMAGENET_MEAN, IMAGENET_STD
+from medpipe.segmentation.config import CleanupConfig
 from medpipe.segmentation.postprocess import to_masks
-from medpipe.segmentation.train import predict_unet
 from medpipe.segmentation.unet import build_unet
+from medpipe.segmentation.unet_config import UNetSpec
 from medpipe.training.checkpoint import load_checkpoint
+from medpipe.training.data import ArrayBatches
+from medpipe.training.device import autocast, predict_batches
+
+
+def input_normalization(spec: UNetSpec, mean: Sequence[float], std: Sequence[float]) -> tuple[list, list]:
+    """A pretrained encoder sees ImageNet-style inputs; a scratch U-Net the data's own statistics."""
+    if spec.encoder != "scratch" and spec.pretrained:
+        return list(IMAGENET_MEAN), list(IMAGENET_STD)
+    return list(mean), list(std)
+
+
+def to_data_size(logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """(N, 1, h, w) logits -> (N, H, W) float32 probabilities at the data's size (bilinear on logits)."""
+    if tuple(logits.shape[-2:]) != tuple(size):
+        logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
+    return torch.sigmoid(logits.float())[:, 0].numpy()
+
+
+def predict_unet(model: nn.Module, images: np.ndarray, spec: UNetSpec, mean: Sequence[float],
+                 std: Sequence[float], precision: str = "bf16", channels_last: bool = True,
+                 batch_size: int = 64) -> np.ndarray:
+    """(N, H, W) lesion probabilities for (N, H, W, 3) uint8 images, at the images' own size."""
+    mean, std = input_normalization(spec, mean, std)
+    batches = ArrayBatches(images, np.zeros(len(images), dtype=np.int64), batch_size=batch_size, mean=mean,
+                           std=std, size=spec.input_size)
+    device = next(model.parameters()).device
+    model.eval()
+    with torch.inference_mode(), autocast(device, precision):
+        logits, _ = predict_batches(model, batches, channels_last=channels_last)
+    return to_data_size(logits, images.shape[1:3])
 
 
 class UNetSegmenter:

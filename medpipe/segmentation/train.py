@@ -1,4 +1,5 @@
-"""Train the U-Net with the shared loop (:func:`medpipe.training.loop.fit`) and predict with it."""
+"""Train the U-Net with the shared loop (:func:`medpipe.training.loop.fit`); it predicts with
+:mod:`medpipe.segmentation.predictor`."""
 
 from __future__ import annotations
 
@@ -7,24 +8,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from medpipe.models.efficientnet import IMAGENET_MEAN, IMAGENET_STD
-from medpipe.segmentation.config import UNetSpec
 from medpipe.segmentation.losses import DiceBCELoss
 from medpipe.segmentation.metrics import dice_score
+from medpipe.segmentation.predictor import input_normalization, to_data_size
 from medpipe.segmentation.unet import build_unet
-from medpipe.training.data import ArrayBatches
+from medpipe.segmentation.unet_config import UNetSpec
 from medpipe.training.config import TrainConfig
-from medpipe.training.loop import FitResult, autocast, fit, predict_batches, world
-
-
-def input_normalization(spec: UNetSpec, mean: Sequence[float], std: Sequence[float]) -> tuple[list, list]:
-    """A pretrained encoder sees ImageNet-style inputs; a scratch U-Net the data's own statistics."""
-    if spec.encoder != "scratch" and spec.pretrained:
-        return list(IMAGENET_MEAN), list(IMAGENET_STD)
-    return list(mean), list(std)
+from medpipe.training.data import ArrayBatches
+from medpipe.training.device import predict_batches
+from medpipe.training.distributed import world
+from medpipe.training.loop import FitResult, fit
 
 
 def mean_dice(prob: np.ndarray, masks: np.ndarray, threshold: float = 0.5) -> tuple[float, float]:
@@ -33,13 +28,6 @@ def mean_dice(prob: np.ndarray, masks: np.ndarray, threshold: float = 0.5) -> tu
     scores = np.array([dice_score(t, p) for t, p in zip(masks, pred, strict=True)])
     lesion = masks.reshape(len(masks), -1).any(1)
     return float(scores.mean()), float(scores[lesion].mean()) if lesion.any() else float("nan")
-
-
-def to_data_size(logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """(N, 1, h, w) logits -> (N, H, W) float32 probabilities at the data's size (bilinear on logits)."""
-    if tuple(logits.shape[-2:]) != tuple(size):
-        logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
-    return torch.sigmoid(logits.float())[:, 0].numpy()
 
 
 def train_unet(
@@ -79,20 +67,6 @@ def train_unet(
     result = fit(model, train, loss_fn, val_fn, cfg, on_epoch=on_epoch, batch_metrics=batch_metrics,
                  checkpoint_path=checkpoint_path, checkpoint_extra=extra)
     return model, result
-
-
-def predict_unet(model: nn.Module, images: np.ndarray, spec: UNetSpec, mean: Sequence[float],
-                 std: Sequence[float], precision: str = "bf16", channels_last: bool = True,
-                 batch_size: int = 64) -> np.ndarray:
-    """(N, H, W) lesion probabilities for (N, H, W, 3) uint8 images, at the images' own size."""
-    mean, std = input_normalization(spec, mean, std)
-    batches = ArrayBatches(images, np.zeros(len(images), dtype=np.int64), batch_size=batch_size, mean=mean,
-                           std=std, size=spec.input_size)
-    device = next(model.parameters()).device
-    model.eval()
-    with torch.inference_mode(), autocast(device, precision):
-        logits, _ = predict_batches(model, batches, channels_last=channels_last)
-    return to_data_size(logits, images.shape[1:3])
 
 
 def batch_dice(logits: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:

@@ -22,7 +22,9 @@ from medpipe.models.factory import build_classifier
 from medpipe.models.registry import default_input_size, input_normalization
 from medpipe.training.config import ClassifierSpec, TrainConfig, UnfreezeConfig
 from medpipe.training.data import ArrayBatches, class_weights
-from medpipe.training.loop import FitResult, fit, predict_batches, world
+from medpipe.training.device import predict_batches
+from medpipe.training.distributed import world
+from medpipe.training.loop import FitResult, fit
 from medpipe.training.predictor import TorchClassifier
 
 log = logging.getLogger(__name__)

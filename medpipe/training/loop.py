@@ -1,16 +1,17 @@
 """One training loop for every torch model: classifiers, U-Nets, anything with a loss.
 
 The loop knows nothing about labels: the model, the loss and the validation metrics are arguments.
-It handles the optimiser (Adam/AdamW/SGD), learning-rate schedules (cosine annealing, one-cycle per batch,
-ReduceLROnPlateau), early stopping on a named validation metric, the best-by-validation checkpoint
+It handles the optimiser and learning-rate schedule (:mod:`medpipe.training.optim`), early stopping on a named validation metric, the best-by-validation checkpoint
 (self-describing: model, optimiser, scheduler, epoch, config and whatever ``checkpoint_extra`` adds),
-``channels_last`` and bf16 autocast on CPU, CUDA where a GPU exists, and a per-epoch history.
+``channels_last`` and bf16 autocast on CPU, CUDA where a GPU exists (:mod:`medpipe.training.device`), and a
+per-epoch history.
 
 Usage (a segmenter; a classifier only swaps the loss and the metrics)::
 
     from medpipe.training.config import TrainConfig
     from medpipe.training.data import ArrayBatches
-    from medpipe.training.loop import fit, predict_batches
+    from medpipe.training.device import predict_batches
+    from medpipe.training.loop import fit
 
     cfg = TrainConfig(lr=1e-3, epochs=30, monitor="dice", monitor_mode="max")
     train = ArrayBatches(images, masks, batch_size=16, mean=mean, std=std, shuffle=True,
@@ -38,8 +39,8 @@ Weight averaging (``train.ema_decay`` > 0): an exponential moving average of the
 statistics (``torch.optim.swa_utils.AveragedModel``), updated after every optimizer step, is what
 validation scores, the best checkpoint keeps and ``model`` holds at the end; the raw weights only train.
 
-Data-parallel training: when a ``torch.distributed`` process group is initialised (the ``train`` stage
-does it under torchrun, ``train.processes > 1``), :func:`fit` wraps the model in DistributedDataParallel
+Data-parallel training (:mod:`medpipe.training.distributed`): when a ``torch.distributed`` process group is
+initialised (a deep training stage does it under torchrun, ``train.processes > 1``), :func:`fit` wraps the model in DistributedDataParallel
 (gradients averaged across ranks every step; ``train_batches`` must be this rank's shard, e.g.
 ``ArrayBatches(..., rank=, world_size=)``), all-reduces the epoch's training loss and batch metrics
 (sample-weighted means over all ranks), validates on rank 0 alone and broadcasts the metrics, so every
@@ -53,7 +54,6 @@ progressive unfreezing (``before_epoch``), every parameter joins DDP's gradient 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
@@ -69,6 +69,9 @@ from torch import nn
 from medpipe.errors import UserError
 from medpipe.training.checkpoint import save_checkpoint
 from medpipe.training.config import TrainConfig
+from medpipe.training.device import autocast, resolve_device, to_device
+from medpipe.training.distributed import all_reduce_sums, broadcast_from_rank0, data_parallel, world
+from medpipe.training.optim import build_optimizer, build_scheduler, step_epoch_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -122,111 +125,6 @@ class EarlyStopping:
         else:
             self.bad_epochs += 1
         return self.bad_epochs >= self.patience
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size) of this process: (0, 1) unless a ``torch.distributed`` process group is initialised."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def all_reduce_sums(values: Sequence[float], device: torch.device) -> list[float]:
-    """Element-wise sums of ``values`` over all ranks (float64)."""
-    summed = torch.tensor(list(values), dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(summed)
-    return summed.tolist()
-
-
-def broadcast_from_rank0(value: Any) -> Any:
-    """Rank 0's ``value`` (any picklable object) on every rank."""
-    box = [value]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def data_parallel(model: nn.Module, device: torch.device, trainable_changes: bool) -> nn.Module:
-    """``model`` in DistributedDataParallel (rank 0's weights and buffers broadcast to every rank).
-
-    ``trainable_changes``: which parameters train changes between epochs (progressive unfreezing), so
-    all of them must be in DDP's reducer from the start, frozen or not, and the frozen ones found unused
-    at every step (``find_unused_parameters``; their gradients stay None, as in one process). Otherwise the
-    graph is static (``static_graph``): parameters a model never uses (the encoder blocks below a shallow
-    U-Net's depth) are found once, in the first step, at no cost afterwards.
-    """
-    from torch.nn.parallel import DistributedDataParallel
-
-    device_ids = [device.index] if device.type == "cuda" else None
-    if not trainable_changes:
-        return DistributedDataParallel(model, device_ids=device_ids, static_graph=True)
-    frozen = [p for p in model.parameters() if not p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(True)
-    try:
-        return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
-    finally:
-        for p in frozen:
-            p.requires_grad_(False)
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
-    return torch.device(name)
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CPU or CUDA when ``precision == 'bf16'``, otherwise nothing."""
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def to_device(value: Any, device: torch.device, channels_last: bool = False) -> Any:
-    """Move a tensor (or a tuple/list/dict of them) to ``device``; 4-D float tensors optionally NHWC in memory."""
-    if isinstance(value, torch.Tensor):
-        value = value.to(device, non_blocking=True)
-        if channels_last and value.ndim == 4 and value.is_floating_point():
-            value = value.contiguous(memory_format=torch.channels_last)
-        return value
-    if isinstance(value, (tuple, list)):
-        return type(value)(to_device(v, device, channels_last) for v in value)
-    if isinstance(value, dict):
-        return {k: to_device(v, device, channels_last) for k, v in value.items()}
-    return value
-
-
-def build_optimizer(params: Iterable, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Optimizer over ``params`` (tensors or param groups whose ``lr`` is a factor of ``cfg.lr``)."""
-    params = list(params)
-    if params and isinstance(params[0], dict):
-        params = [{**g, "lr": cfg.lr * g.get("lr", 1.0)} for g in params]
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int | None = None):
-    """The ``train.scheduler``; ``onecycle`` (stepped after every batch) needs the number of batches per epoch."""
-    if cfg.scheduler == "onecycle":
-        if not steps_per_epoch:
-            raise ValueError("train.scheduler 'onecycle' needs training batches whose number is known (len())")
-        return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=[group["lr"] for group in optimizer.param_groups],
-            total_steps=cfg.epochs * steps_per_epoch, pct_start=cfg.onecycle_pct_start,
-        )
-    if cfg.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs, eta_min=cfg.min_lr)
-    if cfg.scheduler == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode=cfg.monitor_mode, factor=cfg.plateau_factor, patience=cfg.plateau_patience,
-            min_lr=cfg.min_lr,
-        )
-    return None
 
 
 def _batch_size(targets: Any, inputs: Any) -> int:
@@ -337,6 +235,21 @@ def place(model: nn.Module, cfg: TrainConfig) -> torch.device:
     return device
 
 
+def distribute(model: nn.Module, train_batches: Iterable, device: torch.device, trainable_changes: bool) -> nn.Module:
+    """``model`` as the training steps run it: itself in one process; in a process group of several, wrapped in
+    DistributedDataParallel (``train_batches`` must be this rank's shard), each rank with its own random stream."""
+    rank, world_size = world()
+    if world_size == 1:
+        return model
+    shards = getattr(train_batches, "world_size", world_size)
+    if shards != world_size:
+        raise ValueError(f"{world_size} processes train but the training batches are split {shards} ways: "
+                         "give each rank its shard (ArrayBatches(..., rank=, world_size=))")
+    net = data_parallel(model, device, trainable_changes)
+    torch.manual_seed((torch.initial_seed() + rank) % 2**63)   # dropout etc.: each rank its own random stream
+    return net
+
+
 def weight_average(model: nn.Module, cfg: TrainConfig) -> nn.Module | None:
     """The exponential moving average of ``model``'s weights and BatchNorm statistics (``train.ema_decay``),
     or None when off. Its ``module`` is a copy of ``model`` that validation sees and checkpoints keep."""
@@ -355,14 +268,6 @@ def monitored(val: dict[str, float], cfg: TrainConfig) -> float:
             "set train.monitor to one of them"
         )
     return val[cfg.monitor]
-
-
-def step_epoch_scheduler(scheduler: Any, score: float, per_batch: bool) -> None:
-    """End-of-epoch scheduler step (plateau sees the score; one-cycle steps per batch instead)."""
-    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-        scheduler.step(score)
-    elif scheduler is not None and not per_batch:
-        scheduler.step()
 
 
 def epoch_record(epoch: int, lr: float, train_stats: dict, val: dict, seconds: float, seen: int) -> dict[str, float]:
@@ -388,6 +293,10 @@ class _Progress:
     samples: int = 0
     stopped_early: bool = False
 
+    def stop_early(self, epochs_run: int, cfg: TrainConfig) -> None:
+        self.stopped_early = epochs_run < cfg.epochs
+        log.info("early stopping after epoch %d: no %s improvement in %d epochs", epochs_run, cfg.monitor, cfg.patience)
+
     def keep_best(self, model: nn.Module, val: dict[str, float]) -> None:
         self.best_metrics = dict(val)
         self.best_state = copy.deepcopy(model.state_dict())
@@ -408,35 +317,18 @@ class _Progress:
         )
 
 
-def fit(
-    model: nn.Module,
-    train_batches: Iterable,
-    loss_fn: LossFn,
-    val_fn: ValFn,
-    cfg: TrainConfig,
-    *,
-    param_groups: Sequence[dict] | None = None,
-    before_epoch: Callable[[int, nn.Module], None] | None = None,
-    on_epoch: Callable[[dict[str, float]], None] | None = None,
-    batch_metrics: BatchMetricFn | None = None,
-    checkpoint_path: str | Path | None = None,
-    checkpoint_extra: Mapping[str, Any] | None = None,
-    restore_best: bool = True,
-) -> FitResult:
+def fit(model: nn.Module, train_batches: Iterable, loss_fn: LossFn, val_fn: ValFn, cfg: TrainConfig, *,
+        param_groups: Sequence[dict] | None = None, before_epoch: Callable[[int, nn.Module], None] | None = None,
+        on_epoch: Callable[[dict[str, float]], None] | None = None, batch_metrics: BatchMetricFn | None = None,
+        checkpoint_path: str | Path | None = None, checkpoint_extra: Mapping[str, Any] | None = None,
+        restore_best: bool = True) -> FitResult:
     """Train ``model`` for up to ``cfg.epochs`` epochs, keeping the best epoch by ``cfg.monitor``.
 
     Epochs in records are 1-based; ``before_epoch`` receives the 0-based epoch index. In a process group of
     several ranks (see the module's notes) only rank 0 writes ``checkpoint_path`` and calls ``on_epoch``."""
     device = place(model, cfg)
     rank, world_size = world()
-    net = model
-    if world_size > 1:
-        shards = getattr(train_batches, "world_size", world_size)
-        if shards != world_size:
-            raise ValueError(f"{world_size} processes train but the training batches are split {shards} ways: "
-                             "give each rank its shard (ArrayBatches(..., rank=, world_size=))")
-        net = data_parallel(model, device, trainable_changes=before_epoch is not None)
-        torch.manual_seed((torch.initial_seed() + rank) % 2**63)   # dropout etc.: each rank its own random stream
+    net = distribute(model, train_batches, device, trainable_changes=before_epoch is not None)
     optimizer = build_optimizer(param_groups if param_groups is not None else model.parameters(), cfg)
     scheduler = build_scheduler(optimizer, cfg, len(train_batches) if isinstance(train_batches, Sized) else None)
     per_batch = isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR)
@@ -468,31 +360,15 @@ def fit(
         if improved:
             progress.keep_best(kept, val)
             if checkpoint_path is not None and rank == 0:
-                save_checkpoint(checkpoint_path, model=kept, optimizer=optimizer, scheduler=scheduler,
-                                epoch=epoch + 1, config=checkpoint_config(cfg, world_size), metrics=val,
-                                extra=checkpoint_extra)
+                save_checkpoint(checkpoint_path, model=kept, optimizer=optimizer, scheduler=scheduler, epoch=epoch + 1,
+                                config=checkpoint_config(cfg, world_size), metrics=val, extra=checkpoint_extra)
         if on_epoch is not None and rank == 0:
             on_epoch(record)
         if stop:
-            progress.stopped_early = epoch + 1 < cfg.epochs
-            log.info("early stopping after epoch %d: no %s improvement in %d epochs", epoch + 1, cfg.monitor,
-                     cfg.patience)
+            progress.stop_early(epoch + 1, cfg)
             break
     if averaged is not None:
         model.load_state_dict(kept.state_dict())   # the averaged weights are the trained model
     return progress.result(model, restore_best, checkpoint_path)
 
 
-@torch.inference_mode()
-def predict_batches(model: nn.Module, batches: Iterable, device: torch.device | None = None,
-                    channels_last: bool = True) -> tuple[torch.Tensor, Any]:
-    """Concatenate ``model`` outputs (as float32 on CPU) and the targets over ``batches``."""
-    device = device or next(model.parameters()).device
-    outputs, targets = [], []
-    for inputs, target in batches:
-        outputs.append(model(to_device(inputs, device, channels_last)).float().cpu())
-        targets.append(target)
-    out = torch.cat(outputs)
-    if targets and isinstance(targets[0], torch.Tensor):
-        return out, torch.cat(targets)
-    return out, targets

@@ -1,8 +1,8 @@
 """The ``train_pixel_classifier`` stage: fit the classical pixel classifier on the training masks.
 
 Writes ``<out>/model.joblib`` and ``<out>/validation.json`` (validation Dice, IoU and HD95 over the
-lesion images, after the clean-up the classifier asks for). The U-Net trains in the ``train`` stage
-like every deep model; ``evaluate`` scores both on the test split. A dataset without masks is not an
+lesion images, after the clean-up the classifier asks for). The U-Net trains in the ``train_segmenter``
+stage (:mod:`medpipe.segmentation.unet_stage`); ``evaluate`` scores both on the test split. A dataset without masks is not an
 error: the stage writes a ``status`` saying why nothing was trained, so ``dvc repro`` goes through.
 """
 
