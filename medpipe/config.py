@@ -9,6 +9,7 @@ read through :func:`load_section`, so there is one obvious way to read any param
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -29,8 +30,22 @@ class ParamsError(UserError, ValueError):
     """params.yaml is missing a key, has an unknown key, or holds a wrong value."""
 
 
+class Params(dict):
+    """The parsed params file, remembering which file it is, so that every error names the file actually read."""
+
+    def __init__(self, values: dict, path: Path) -> None:
+        super().__init__(values)
+        self.path = path
+
+
+def source(params: dict) -> str:
+    """The params file ``params`` came from (``params.yaml`` for a plain dict)."""
+    return str(getattr(params, "path", PARAMS_FILE))
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: "12" is not 12, "yes" and 1 are not true; a YAML value of the wrong type is an error, not a guess
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     def __getstate__(self) -> dict:
         """Pickle the set of fields given as a sorted list: a set of strings pickles in hash order, which changes
@@ -95,15 +110,32 @@ class AugmentConfig(Strict):
 S = TypeVar("S", bound=BaseModel)
 
 
-def load_params(path: str | Path = PARAMS_FILE) -> dict:
+class _Yaml12Floats(yaml.SafeLoader):
+    """YAML 1.2 floats: ``1e-4`` is a number (PyYAML's YAML 1.1 reads it as a string), as DVC writes it for
+    ``dvc exp run -S train.lr=1e-4``."""
+
+
+_Yaml12Floats.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*(?:\.[\d_]*)?|\.\d[\d_]*)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path} does not exist (run from the repository root)")
-    params = yaml.safe_load(path.read_text()) or {}
+    try:
+        params = yaml.load(path.read_text(), Loader=_Yaml12Floats) or {}
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(params, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections, got {type(params).__name__}")
     unknown = sorted(set(params) - set(SECTIONS))
     if unknown:
         raise ParamsError(f"{path}: unknown top-level key(s) {unknown}; known: {list(SECTIONS)}")
-    return params
+    return Params(params, path)
 
 
 def load_section(params: dict, name: str, model: type[S]) -> S:
@@ -119,13 +151,13 @@ def load_section(params: dict, name: str, model: type[S]) -> S:
             if e["loc"] else f"{name}: {e['msg']}"
             for e in err.errors()
         )
-        raise ParamsError(f"params.yaml: {problems}") from None
+        raise ParamsError(f"{source(params)}: {problems}") from None
 
 
 def dataset_name(params: dict) -> str:
     name = params.get("dataset")
     if not isinstance(name, str) or not name:
-        raise ParamsError("params.yaml: 'dataset' must name an entry of datasets.yaml")
+        raise ParamsError(f"{source(params)}: 'dataset' must name an entry of datasets.yaml")
     return name
 
 
@@ -135,14 +167,14 @@ def image_size(params: dict, default: int) -> int:
     if value == "auto":
         return default
     if isinstance(value, bool) or not isinstance(value, int) or not 8 <= value <= 1024:
-        raise ParamsError(f"params.yaml: image_size must be 'auto' or an integer in 8..1024, got {value!r}")
+        raise ParamsError(f"{source(params)}: image_size must be 'auto' or an integer in 8..1024, got {value!r}")
     return value
 
 
 def global_seed(params: dict) -> int:
     seed = params.get("seed", 42)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ParamsError(f"params.yaml: seed must be a non-negative integer, got {seed!r}")
+        raise ParamsError(f"{source(params)}: seed must be a non-negative integer, got {seed!r}")
     return seed
 
 
@@ -151,7 +183,7 @@ def training_seeds(params: dict) -> list[int]:
     seeds = params.get("seeds", [global_seed(params)])
     if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
             or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds)):
-        raise ParamsError(f"params.yaml: seeds must be a non-empty list of distinct non-negative integers, got {seeds!r}")
+        raise ParamsError(f"{source(params)}: seeds must be a non-empty list of distinct non-negative integers, got {seeds!r}")
     return seeds
 
 

@@ -6,7 +6,7 @@ settings read from ``params.yaml``, so a file scores as its copy in the test spl
 
     medpipe-predict scans/                       # every image under a folder, champion model
     medpipe-predict a.png b.jpg --model svm      # a model by name (see metrics/evaluate.json; `ensemble` too) ...
-    medpipe-predict a.png --model models/train_cnn/cnn.pt            # ... or by file
+    medpipe-predict a.png --model models/resnet18/seed42/model.pt    # ... or by file
     medpipe-predict a.png --model-uri models:/medpipe-busi-svm@champion   # an MLflow model
     medpipe-predict a.png --request > body.json  # the JSON body for `mlflow models serve`
 """
@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+import medpipe
 from medpipe import cli, config
 from medpipe.config import training_seeds
 from medpipe.data import imaging
@@ -136,16 +137,30 @@ def write_table(files: Sequence[Path], proba: np.ndarray, class_names: Sequence[
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="medpipe-predict", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="medpipe-predict", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Class probabilities for image files, from the champion model or a named one. Each image is "
+                    "decoded, cropped\nand resized exactly as the preprocess stage does it (settings from the params "
+                    "file), so a file scores\nas its copy in the test split does.",
+        epilog="examples:\n"
+               "  medpipe-predict scans/                            every image under a folder, champion model\n"
+               "  medpipe-predict a.png b.jpg --model svm           a model by name (ensemble too)\n"
+               "  medpipe-predict a.png --model models/resnet18/seed42/model.pt   a model by file\n"
+               "  medpipe-predict a.png --model-uri models:/medpipe-busi-svm@champion   an MLflow model\n"
+               "  medpipe-predict a.png --request > body.json       the request body for `mlflow models serve`")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {medpipe.__version__}")
     parser.add_argument("paths", nargs="+", type=Path, help="image files or folders")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", help="model name (as in metrics/evaluate.json) or a .pt/.joblib/.json file")
     source.add_argument("--model-uri", help="an MLflow model URI, e.g. models:/medpipe-busi-svm@champion")
-    parser.add_argument("--params", type=Path, default=Path(config.PARAMS_FILE))
-    parser.add_argument("--models-dir", type=Path, default=Path("models"))
-    parser.add_argument("--champion", type=Path, default=DEFAULT_CHAMPION)
-    parser.add_argument("--format", choices=("tsv", "csv", "json"), default="tsv")
+    parser.add_argument("--params", type=Path, default=Path(config.PARAMS_FILE),
+                        help="the params file whose dataset, crop and image size apply (default: params.yaml)")
+    parser.add_argument("--models-dir", type=Path, default=Path("models"),
+                        help="where the training stages put the models (default: models)")
+    parser.add_argument("--champion", type=Path, default=DEFAULT_CHAMPION,
+                        help=f"the evaluate stage's record of the champion (default: {DEFAULT_CHAMPION})")
+    parser.add_argument("--format", choices=("tsv", "csv", "json"), default="tsv",
+                        help="output format, one row per image (default: tsv)")
     parser.add_argument("--request", action="store_true",
                         help="print the JSON request body for `mlflow models serve` instead of predicting")
     return parser.parse_args(argv)
