@@ -12,21 +12,19 @@ import torch
 import torch.nn.functional as F
 
 from medpipe.errors import UserError
-from medpipe.models import (
+from medpipe.models import efficientnet
+from medpipe.models.attention import AttentionHead
+from medpipe.models.cnn import CNNS, BrainMRICNN, TwoConvCNN
+from medpipe.models.errors import ArchitectureError, WeightsError
+from medpipe.models.factory import build_classifier
+from medpipe.models.registry import (
     ARCHITECTURES,
-    ArchitectureError,
-    WeightsError,
-    build_classifier,
     default_input_size,
-    efficientnet,
     ensure_imagenet_weights,
     get_architecture,
     input_normalization,
     names,
 )
-from medpipe.models.attention import AttentionHead
-from medpipe.models.cnn import CNNS, BrainMRICNN, TwoConvCNN
-from medpipe.models.resnet import build_transfer
 from medpipe.segmentation.unet import build_unet, encoder_names, input_multiple
 
 LITES = [efficientnet.arch_name(v) for v in efficientnet.VARIANTS]
@@ -105,9 +103,6 @@ def test_input_normalization_follows_the_weights():
     assert input_normalization("resnet34", "/some/state_dict.pt") == TORCHVISION_STATS  # pretrained elsewhere
     assert input_normalization("efficientnet_lite2", "none") is None  # from scratch: the data's own stats
     assert input_normalization("cnn_four_conv", "none") is None
-    from medpipe.models.resnet import input_normalization as older  # the name older callers import
-
-    assert older("efficientnet_lite0") == HALF and older("resnet18") == TORCHVISION_STATS
 
 
 @pytest.mark.parametrize("name", LITES)
@@ -188,7 +183,7 @@ def test_attention_head_shapes_and_gradients():
 
 @pytest.mark.parametrize("head", ["linear", "attention"])
 def test_resnet18_transfer_model(head):
-    model = build_transfer("resnet18", 3, "none", head)  # the older entry point
+    model = get_architecture("resnet18").build(num_classes=3, input_size=224, dropout=0.2, weights="none", head=head)
     assert model(torch.randn(2, 3, 64, 64)).shape == (2, 3)
     assert len(model.groups()) == 5 and model.gradcam_layer is model.body[-1]
 

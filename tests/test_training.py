@@ -329,9 +329,10 @@ def test_unfreeze_schedule():
 
 
 def test_unfreezing_freezes_shallow_groups_and_their_batchnorm():
-    from medpipe.models.resnet import build_transfer
+    from medpipe.models.registry import get_architecture
 
-    model = build_transfer("resnet18", 3, "none")
+    model = get_architecture("resnet18").build(num_classes=3, input_size=224, dropout=0.2, weights="none",
+                                               head="linear")
     param_groups, before_epoch = classify.unfreezing(
         model, UnfreezeConfig(head_epochs=1, groups_per_step=2, backbone_lr_factor=0.1))
     assert param_groups[1]["lr"] == pytest.approx(0.1)

@@ -18,6 +18,7 @@ from skimage.feature import graycomatrix, graycoprops, hog, local_binary_pattern
 
 from medpipe.errors import UserError
 from medpipe.classical.config import FEATURES, ClassicalConfig
+from medpipe.models.efficientnet import efficientnet_lite0
 
 log = logging.getLogger(__name__)
 
@@ -174,8 +175,6 @@ class Embedding(ImageFeatures):
         backbone = self.__dict__.get("_backbone")
         if backbone is None:
             import torch
-
-            from medpipe.models.efficientnet import efficientnet_lite0
 
             backbone = efficientnet_lite0(num_classes=0, pretrained=self.pretrained).eval()
             backbone = backbone.to(memory_format=torch.channels_last)

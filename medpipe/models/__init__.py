@@ -4,22 +4,9 @@ Study CNNs (``cnn``), torchvision ResNets (``resnet``), EfficientNet-Lite0/1/2 w
 weights (``efficientnet``), transfer heads (``transfer``, ``attention``), where pretrained weights come
 from (``weights``) and a factory that builds a classifier from a checkpoint's spec (``factory``).
 
-    from medpipe.models import ARCHITECTURES, build_classifier, get_architecture
+    from medpipe.models.registry import ARCHITECTURES, get_architecture
+    from medpipe.models.factory import build_classifier
+
+Import from the module that defines a name: a stage that needs one backbone (the classical features' frozen
+EfficientNet-Lite0) does not load every architecture.
 """
-
-from medpipe.models.errors import ArchitectureError, WeightsError
-from medpipe.models.factory import build_classifier
-from medpipe.models.registry import (
-    ARCHITECTURES,
-    Architecture,
-    default_input_size,
-    ensure_imagenet_weights,
-    get_architecture,
-    input_normalization,
-    names,
-)
-
-__all__ = [
-    "ARCHITECTURES", "Architecture", "ArchitectureError", "WeightsError", "build_classifier",
-    "default_input_size", "ensure_imagenet_weights", "get_architecture", "input_normalization", "names",
-]

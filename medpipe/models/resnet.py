@@ -5,8 +5,7 @@ the internet is reachable; offline it fails fast with a message saying where to 
 (random initialisation) or the path of a state dict. ImageNet inputs are normalised with
 ``IMAGENET_MEAN``/``IMAGENET_STD``.
 
-The registry (:mod:`medpipe.models.registry`) builds these; ``build_transfer``, ``input_normalization``
-and ``ensure_imagenet_weights`` stay importable from here for older callers.
+The registry (:mod:`medpipe.models.registry`) builds these.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ from __future__ import annotations
 from torch import nn
 
 from medpipe.models.errors import WeightsError
-from medpipe.models.transfer import FeatureClassifier, LinearHead  # noqa: F401  (re-exported)
+from medpipe.models.transfer import FeatureClassifier
 from medpipe.models.weights import load_state_file, resolve_weights, torchvision_imagenet
 
 RESNETS = ("resnet18", "resnet34", "resnet50")
@@ -22,7 +21,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 NATIVE_INPUT_SIZE = 224
 MIN_INPUT_SIZE = 32  # stride 32: a 1x1 last feature map
-_MOVED_TO_REGISTRY = ("input_normalization", "ensure_imagenet_weights")
 
 
 class ResNetBody(nn.Sequential):
@@ -62,22 +60,3 @@ def build_resnet(arch: str, num_classes: int, input_size: int | None, dropout: f
     """The registry's builder: ResNet ``arch`` body, a new ``head``; any ``input_size`` (global pooling)."""
     net = torchvision_resnet(arch, weights)
     return FeatureClassifier(ResNetBody(net), net.fc.in_features, num_classes, head, dropout)
-
-
-def build_transfer(arch: str, num_classes: int, weights: str = "none", head: str = "linear",
-                   dropout: float = 0.2) -> nn.Module:
-    """Any transfer architecture of the registry (for older callers; prefer ``factory.build_classifier``)."""
-    from medpipe.models.registry import get_architecture
-
-    spec = get_architecture(arch, family="transfer")
-    return spec.build(num_classes=num_classes, input_size=spec.native_input_size, dropout=dropout,
-                      weights=weights, head=head)
-
-
-def __getattr__(name: str):
-    """``input_normalization`` and ``ensure_imagenet_weights`` now live in the registry."""
-    if name in _MOVED_TO_REGISTRY:
-        from medpipe.models import registry
-
-        return getattr(registry, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

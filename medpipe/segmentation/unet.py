@@ -107,9 +107,6 @@ class EncoderUNet(nn.Module):
         return self.head(self.final(y))
 
 
-EfficientNetUNet = EncoderUNet  # the name of older code
-
-
 def encoder_names() -> tuple[str, ...]:
     """The U-Net encoders: ``scratch`` and every registry architecture that can serve as one."""
     return (SCRATCH, *(name for name, arch in ARCHITECTURES.items() if arch.encoder is not None))

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from medpipe.config import Strict
+from medpipe.models.registry import get_architecture
 
 
 class OnlineAugmentConfig(Strict):
@@ -151,15 +152,11 @@ class ClassifierSpec(ModelSpec):
     @field_validator("arch")
     @classmethod
     def _known(cls, value: str) -> str:
-        from medpipe.models.registry import get_architecture
-
         get_architecture(value)
         return value
 
     @model_validator(mode="after")
     def _weights_fit_the_architecture(self) -> ClassifierSpec:
-        from medpipe.models.registry import get_architecture
-
         if get_architecture(self.arch).family == "cnn" and (self.weights != "none" or self.head != "linear"):
             raise ValueError(f"{self.arch} is a small CNN trained from scratch: weights must be 'none' and head "
                              f"'linear' (got weights={self.weights!r}, head={self.head!r})")
