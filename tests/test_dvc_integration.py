@@ -150,17 +150,27 @@ def test_full_pipeline_is_reproducible_and_reruns_exactly_what_changed(project):
     assert {"workspace", "lower-lr"} <= {r.data.tags.get("dvc_experiment") for r in runs}
     assert all(r.data.tags.get("git_commit") for r in runs)
     champion = json.loads((repo / "reports/evaluate/champion.json").read_text())
-    assert champion["alias_set"] is True
-    version = client.get_model_version_by_alias(champion["registered_model"], "champion")
+    assert not [m for m in client.search_registered_models() if m.aliases]  # experiments move no alias
+    promoted = run(["medpipe-promote"], repo, env).stdout
+    registered = f"medpipe-tiny-{champion['model']}"
+    assert promoted.startswith(f"models:/{registered}@champion -> version ")
+    version = client.get_model_version_by_alias(registered, "champion")
     assert client.get_run(version.run_id).data.tags["model_md5"] == hashlib.md5(
         (repo / champion["file"]).read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module, stages", [
-    ("medpipe/classical/features.py", {"train_classical"}),
+    # evaluate unpickles the classical models and the pixel classifier and runs their prediction code
+    ("medpipe/classical/features.py", {"train_classical", "evaluate"}),
+    ("medpipe/classical/models.py", {"train_classical", "evaluate"}),
+    ("medpipe/segmentation/pixel_classifier.py", {"train_pixel_classifier", "evaluate"}),
+    # the U-Net: its training stages (one per seed) and evaluate, no classifier, no classical model
+    ("medpipe/segmentation/unet.py", {"train_segmenter@unet-42", "evaluate"}),
     ("medpipe/evaluation/summary.py", {"evaluate"}),
 ])
 def test_editing_a_module_changes_exactly_the_stages_that_import_it(project, module, stages):
+    """After a repro, an edit makes exactly the stages whose code it is stale (``dvc status``), nothing else."""
     repo, env, _ = project
     run(["dvc", "repro"], repo, env)
     path = repo / module

@@ -517,7 +517,7 @@ def test_champion_is_the_best_mean_validation_score_not_the_best_seed(evaluated)
     assert record["model"] == "cnn_b"  # mean 0.71 beats cnn_a's 0.65 although cnn_a seed 1 scored 0.95
     assert record["seed"] == 2 and Path(record["file"]) == root / "models/cnn_b/seed2/model.pt"
     assert record["validation_score"] == pytest.approx(0.71)
-    assert record["selected_by"] == "mean validation balanced_accuracy" and record["alias_set"] is False
+    assert record["selected_by"] == "mean validation balanced_accuracy" and "alias_set" not in record
     assert headline["champion"] == {"model": "cnn_b", "validation_balanced_accuracy": pytest.approx(0.71)}
     # medpipe-predict serves the champion the evaluate stage recorded
     champion = predict.resolve_model(None, root / "models", root / "reports/evaluate/champion.json", PARAMS)
@@ -717,27 +717,54 @@ def test_evaluate_without_bootstrap_resamples(workspace):
     assert not [k for k in details["knn"]["seeds"]["-"] if k.endswith("_ci_low")]
 
 
-def test_champion_alias_is_set_in_mlflow(tmp_path, monkeypatch):
-    """Classical models trained with MLflow on: the champion's registered version gets the alias."""
+def test_experiments_never_move_the_champion_alias_promotion_does(tmp_path, monkeypatch, capsys):
+    """Two experiments (knn alone, then knn + random forest) and one promotion each time: evaluate never touches
+    MLflow, `medpipe-promote` gives the alias to the chosen model and takes it from the dataset's previous
+    champion; retraining the same file registers no new version."""
     from mlflow import MlflowClient
 
+    from medpipe import promote
     from medpipe.classical.stage import ClassicalPaths
     from medpipe.classical.stage import run as run_classical
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MEDPIPE_TRACKING", raising=False)
     for split, seed in (("train", 0), ("val", 1), ("test", 2)):
         make_set(seed=seed).save(tmp_path / f"{split}.npz")
-    p = classical_only(bootstrap_resamples=20, temperature_scaling=False)
-    p["classical"]["models"] = ["knn"]
-    run_classical(p, ClassicalPaths(tmp_path / "train.npz", tmp_path / "val.npz", tmp_path / "models/classical"))
-    run(p, paths(tmp_path))
+    (tmp_path / "params.yaml").write_text("dataset: toy\n")
+    client = MlflowClient()
+
+    def experiment(models: list[str]) -> dict:
+        p = classical_only(bootstrap_resamples=20, temperature_scaling=False)
+        p["classical"]["models"] = models
+        run_classical(p, ClassicalPaths(tmp_path / "train.npz", tmp_path / "val.npz", tmp_path / "models/classical"))
+        run(p, paths(tmp_path))
+        return json.loads((tmp_path / "reports/evaluate/champion.json").read_text())
+
+    def champions() -> dict[str, str]:
+        return {m.name: str(m.aliases["champion"]) for m in client.search_registered_models() if "champion" in m.aliases}
+
+    first = experiment(["knn"])
+    assert first["model"] == "knn" and champions() == {}  # evaluate moves no alias
+    assert "medpipe-promote" in (tmp_path / "metrics/summary.md").read_text()
+    promote.main([])
+    assert champions() == {"medpipe-toy-knn": "1"}
+
+    (tmp_path / "models/classical/knn.joblib").rename(tmp_path / "knn-before.joblib")
+    second = experiment(["knn", "random_forest"])
+    assert (tmp_path / "models/classical/knn.joblib").read_bytes() == (tmp_path / "knn-before.joblib").read_bytes()
+    assert [str(v.version) for v in client.search_model_versions("name = 'medpipe-toy-knn'")] == ["1"]  # unchanged file
+    assert champions() == {"medpipe-toy-knn": "1"}  # the second experiment moved nothing either
+    forest = tmp_path / "models/classical/random_forest.joblib"
     record = json.loads((tmp_path / "reports/evaluate/champion.json").read_text())
-    assert record["model"] == "knn" and record["alias_set"] is True
-    assert record["registered_model"] == "medpipe-toy-knn" and record["champion_uri"] == "models:/medpipe-toy-knn@champion"
-    assert str(MlflowClient().get_model_version_by_alias("medpipe-toy-knn", "champion").version) == "1"
-    assert "MLflow `models:/medpipe-toy-knn@champion`" in (tmp_path / "metrics/summary.md").read_text()
+    record.update(model="random_forest", file=str(forest))  # promote the forest, whatever this toy data chose
+    (tmp_path / "forest.json").write_text(json.dumps(record))
+    promote.main(["--champion", "forest.json"])
+    assert champions() == {"medpipe-toy-random_forest": "1"}  # the previous holder lost the alias
+    assert "alias taken from: medpipe-toy-knn" in capsys.readouterr().out
+    assert second["model"] in ("knn", "random_forest")
 
 
 def test_gradcam_overlay_accepts_maps_at_the_model_input_size(tmp_path):

