@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medpipe.models.efficientnet import IMAGENET_MEAN, IMAGENET_STD
+from medpipe.models.registry import input_normalization as registry_normalization
 from medpipe.segmentation.config import CleanupConfig
 from medpipe.segmentation.postprocess import to_masks
-from medpipe.segmentation.unet import build_unet
+from medpipe.segmentation.unet import SCRATCH, build_unet
 from medpipe.segmentation.unet_config import UNetSpec
 from medpipe.training.checkpoint import load_checkpoint
 from medpipe.training.data import ArrayBatches
@@ -28,10 +28,11 @@ from medpipe.training.device import autocast, predict_batches
 
 
 def input_normalization(spec: UNetSpec, mean: Sequence[float], std: Sequence[float]) -> tuple[list, list]:
-    """A pretrained encoder sees ImageNet-style inputs; a scratch U-Net the data's own statistics."""
-    if spec.encoder != "scratch" and spec.pretrained:
-        return list(IMAGENET_MEAN), list(IMAGENET_STD)
-    return list(mean), list(std)
+    """The (mean, std) the U-Net's inputs are normalised with: what a pretrained encoder's weights expect (the
+    registry's :func:`~medpipe.models.registry.input_normalization`), else the data's own ``mean``/``std``."""
+    expected = None if spec.encoder == SCRATCH else registry_normalization(spec.encoder,
+                                                                           "imagenet" if spec.pretrained else "none")
+    return (list(expected[0]), list(expected[1])) if expected else (list(mean), list(std))
 
 
 def to_data_size(logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:

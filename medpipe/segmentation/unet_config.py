@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from medpipe.segmentation.unet import SCRATCH, input_multiple
 from medpipe.training.config import ModelSpec, TrainConfig
 
 
@@ -16,7 +17,7 @@ class UNetSpec(ModelSpec):
     arch: Literal["unet"] = "unet"
     depth: int = Field(4, ge=1, le=5)          # down-sampling steps
     base_width: int = Field(16, ge=4, le=128)  # channels of the first level, doubled at each level
-    encoder: str = "scratch"                   # scratch | an EfficientNet-Lite of the architecture registry
+    encoder: str = SCRATCH                     # scratch | an EfficientNet-Lite of the architecture registry
     pretrained: bool = True                    # ImageNet weights for a pretrained encoder
     input_size: int = Field(128, ge=32, le=1024)  # the network's side; predictions go back to the data size
     dice_weight: float = Field(1.0, ge=0)
@@ -27,7 +28,7 @@ class UNetSpec(ModelSpec):
     def _consistent(self) -> UNetSpec:
         if self.dice_weight == 0 and self.bce_weight == 0:
             raise ValueError("dice_weight and bce_weight cannot both be 0")
-        levels = 2 ** (min(self.depth, 4) + 1 if self.encoder != "scratch" else self.depth)
+        levels = input_multiple(self.depth, self.encoder)   # an unknown encoder fails here, with the known ones
         if self.input_size % levels:
             raise ValueError(f"input_size ({self.input_size}) must be divisible by {levels} for depth {self.depth}")
         return self

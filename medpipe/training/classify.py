@@ -92,17 +92,9 @@ def model_spec_dict(spec: ClassifierSpec, num_classes: int, input_size: int) -> 
             "weights": spec.weights, "head": spec.head}
 
 
-def train_classifier(
-    name: str,
-    spec: ClassifierSpec,
-    cfg: TrainConfig,
-    train: ImageSet,
-    val: ImageSet,
-    normalization: dict,
-    checkpoint: Path,
-    seed: int,
-    on_epoch: Callable[[dict], None] | None = None,
-) -> tuple[TorchClassifier, FitResult]:
+def train_classifier(name: str, spec: ClassifierSpec, cfg: TrainConfig, train: ImageSet, val: ImageSet,
+                     normalization: dict, checkpoint: Path | None, seed: int,
+                     on_epoch: Callable[[dict], None] | None = None) -> tuple[TorchClassifier, FitResult]:
     """Train one classifier; the returned classifier holds the best-by-validation weights."""
     config.seed_everything(seed, deterministic=cfg.deterministic)
     num_classes = len(train.class_names)
