@@ -1,1 +1,2 @@
-"""Lesion segmentation: the U-Net spec and training, the classical pixel classifier, metrics, clean-up."""
+"""Lesion segmentation: the U-Net (spec, network, training, predictor, stage), the classical pixel classifier
+(model, stage), metrics and clean-up."""

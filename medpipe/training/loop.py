@@ -40,9 +40,9 @@ statistics (``torch.optim.swa_utils.AveragedModel``), updated after every optimi
 validation scores, the best checkpoint keeps and ``model`` holds at the end; the raw weights only train.
 
 Data-parallel training (:mod:`medpipe.training.distributed`): when a ``torch.distributed`` process group is
-initialised (a deep training stage does it under torchrun, ``train.processes > 1``), :func:`fit` wraps the model in DistributedDataParallel
-(gradients averaged across ranks every step; ``train_batches`` must be this rank's shard, e.g.
-``ArrayBatches(..., rank=, world_size=)``), all-reduces the epoch's training loss and batch metrics
+initialised (a deep training stage does it under torchrun, ``train.processes > 1``), :func:`fit` wraps the
+model in DistributedDataParallel (gradients averaged across ranks every step; ``train_batches`` must be this
+rank's shard, e.g. ``ArrayBatches(..., rank=, world_size=)``), all-reduces the epoch's training loss and batch metrics
 (sample-weighted means over all ranks), validates on rank 0 alone and broadcasts the metrics, so every
 rank takes the same early-stopping, scheduler and best-epoch decisions. Only rank 0 writes the
 checkpoint (of the unwrapped model: it loads like a single-process one) and sees ``on_epoch``. With
