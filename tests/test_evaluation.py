@@ -606,7 +606,9 @@ def test_details_plots_figures_and_gradcam(evaluated):
     confusion = (root / "plots/evaluate/confusion/knn.csv").read_text().splitlines()
     assert confusion[0] == "actual,predicted" and len(confusion) == len(test) + 1
     figures = {p.name for p in (root / "reports/evaluate/figures").iterdir()}
-    assert figures == {"cnn_a.png", "cnn_b.png", "knn.png", "random_forest.png", "unet.png", "pixel_classifier.png"}
+    per_classifier = {f"{name}{suffix}.png" for name in ("cnn_a", "cnn_b", "knn", "random_forest")
+                      for suffix in ("", "_confusion", "_reliability")}
+    assert figures == per_classifier | {"unet.png", "pixel_classifier.png"}
     assert (root / "reports/evaluate/figures/knn.png").stat().st_size > 1000
     assert sorted(p.name for p in (root / "reports/evaluate/gradcam").iterdir()) == ["cnn_a.png", "cnn_b.png"]
     summary = (root / "metrics/summary.md").read_text()
@@ -614,14 +616,16 @@ def test_details_plots_figures_and_gradcam(evaluated):
     assert "`unet` + TTA" in summary
 
 
-def test_rerun_gives_byte_identical_headline_and_predictions(evaluated, monkeypatch):
+def test_rerun_gives_byte_identical_headline_predictions_and_figures(evaluated, monkeypatch):
     root, _ = evaluated
     outputs = [root / "metrics/evaluate.json", *sorted((root / "reports/predictions").iterdir())]
     assert len(outputs) == 1 + 6
+    outputs += sorted((root / "reports/evaluate").rglob("*.png"))
+    assert len(outputs) == 1 + 6 + 14 + 2
     before = {p: p.read_bytes() for p in outputs}
     monkeypatch.setenv("MEDPIPE_TRACKING", "off")
     run(PARAMS, paths(root))
-    assert sorted((root / "reports/predictions").iterdir()) == outputs[1:]
+    assert sorted((root / "reports/predictions").iterdir()) == outputs[1:7]
     for path, data in before.items():
         assert path.read_bytes() == data, path
 

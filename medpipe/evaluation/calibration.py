@@ -34,7 +34,8 @@ def fit_temperature(proba: np.ndarray, y_true: np.ndarray, bounds: tuple[float, 
 
 
 def reliability_curve(y_true: np.ndarray, proba: np.ndarray, bins: int = 15) -> list[dict[str, float]]:
-    """Top-label reliability diagram: per non-empty confidence bin, mean confidence, accuracy and count."""
+    """Top-label reliability diagram: per non-empty confidence bin ``(bin/bins, (bin+1)/bins]``, its index,
+    mean confidence, accuracy and count."""
     y_true = np.asarray(y_true)
     confidence = np.asarray(proba).max(axis=1)
     correct = np.asarray(proba).argmax(axis=1) == y_true
@@ -44,6 +45,7 @@ def reliability_curve(y_true: np.ndarray, proba: np.ndarray, bins: int = 15) -> 
         members = index == b
         if members.any():
             rows.append({
+                "bin": b,
                 "confidence": float(confidence[members].mean()),
                 "accuracy": float(correct[members].mean()),
                 "count": int(members.sum()),

@@ -55,20 +55,26 @@ def temperature_scaled(val_proba: np.ndarray, val_labels: np.ndarray, proba: np.
 
 
 def write_plots(out: dict[str, Path], mf: ModelFile, model: Any, test: ImageSet, proba: np.ndarray,
-                cfg: EvaluateConfig, seed: int, scaled: np.ndarray | None) -> None:
-    """DVC plot data (confusion, ROC, PR, reliability) and the PNG figures of one model."""
+                cfg: EvaluateConfig, seed: int, scaled: np.ndarray | None, temperature: float | None = None) -> None:
+    """DVC plot data (confusion, ROC, PR, reliability) and the PNG figures of one model: ``<model>.png`` (overview),
+    ``<model>_confusion.png``, ``<model>_reliability.png`` and, for a deep classifier, its Grad-CAM grid."""
     y, names = test.labels, test.class_names
     plots.write_csv(out["confusion"] / f"{mf.name}.csv", plots.confusion_rows(y, proba.argmax(1), names))
     plots.write_csv(out["roc"] / f"{mf.name}.csv", plots.roc_table(y, proba, names))
     plots.write_csv(out["pr"] / f"{mf.name}.csv", plots.pr_table(y, proba, names))
     plots.write_csv(out["calibration"] / f"{mf.name}.csv", plots.calibration_rows(y, proba, cfg.ece_bins, scaled))
-    plots.model_figure(out["figures"] / f"{mf.name}.png", f"{mf.name}, test split", y, proba, names, cfg.ece_bins,
-                       scaled)
+    figures = out["figures"]
+    plots.model_figure(figures / f"{mf.name}.png", mf.name, y, proba, names, cfg.ece_bins, scaled, temperature)
+    plots.confusion_figure(figures / f"{mf.name}_confusion.png", mf.name, y, proba.argmax(1), names)
+    plots.reliability_figure(figures / f"{mf.name}_reliability.png", mf.name, y, proba, cfg.ece_bins, scaled,
+                             temperature)
     if mf.is_deep and cfg.gradcam and cfg.gradcam_per_class > 0:
         pick = gradcam.sample_per_class(y, cfg.gradcam_per_class, seed)
         maps, predicted = gradcam.cam_maps(model, test.images[pick], cfg.gradcam_method)
-        gradcam.overlay_figure(out["gradcam"] / f"{mf.name}.png", f"{mf.name}: {cfg.gradcam_method}",
-                               test.images[pick], maps, y[pick], predicted, names)
+        label = gradcam.METHOD_LABELS[cfg.gradcam_method]
+        gradcam.overlay_figure(out["gradcam"] / f"{mf.name}.png",
+                               f"{mf.name}: {label} of the predicted class, test split ({len(pick)} images)",
+                               test.images[pick], maps, y[pick], predicted, names, cfg.gradcam_method)
 
 
 def score_classifier(model: Any, mf: ModelFile, test: ImageSet, val: ImageSet | None, cfg: EvaluateConfig,
@@ -95,5 +101,5 @@ def score_classifier(model: Any, mf: ModelFile, test: ImageSet, val: ImageSet | 
         details["tta"] = evaluate_with_ci(y, predict_proba_tta(model, test.images, cfg.tta, seed), test.class_names,
                                           **ci)
     if out is not None:
-        write_plots(out, mf, model, test, proba, cfg, seed, scaled)
+        write_plots(out, mf, model, test, proba, cfg, seed, scaled, details.get("temperature"))
     return ClassifierScore(proba, details, val_proba)

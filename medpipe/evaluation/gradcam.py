@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from medpipe.io import atomic_path
 
 METHODS = {"gradcam": "GradCAM", "gradcam++": "GradCAMPlusPlus", "layercam": "LayerCAM"}
+METHOD_LABELS = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "layercam": "LayerCAM"}
 
 
 def sample_per_class(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
@@ -41,34 +41,43 @@ def cam_maps(model, images: np.ndarray, method: str = "gradcam") -> tuple[np.nda
 
 
 def overlay_figure(path: Path, title: str, images: np.ndarray, maps: np.ndarray, labels: np.ndarray,
-                   predicted: np.ndarray, class_names: Sequence[str]) -> None:
-    """A grid: each image beside its Grad-CAM overlay, titled with the true and predicted class."""
+                   predicted: np.ndarray, class_names: Sequence[str], method: str = "gradcam"):
+    """A grid: each image beside its heat map overlay, titled with the true and the predicted class, and one
+    colour bar (perceptually uniform ``inferno``); returns the Figure."""
     import cv2
-    import matplotlib
+    import matplotlib.cm
+    import matplotlib.colors
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from pytorch_grad_cam.utils.image import show_cam_on_image
+    from medpipe.evaluation import figures
 
     n = len(images)
     cols = 4  # two (image, overlay) pairs per row
     rows = max(1, int(np.ceil(n / 2)))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.2, rows * 2.4), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for i in range(n):
-        r, c = divmod(i, 2)
-        heat = maps[i]
-        if heat.shape != images[i].shape[:2]:  # the model may resize its input (TorchClassifier input_size)
-            heat = cv2.resize(heat, images[i].shape[1::-1], interpolation=cv2.INTER_LINEAR)
-        overlay = show_cam_on_image(images[i].astype(np.float32) / 255.0, heat, use_rgb=True)
-        axes[r, 2 * c].imshow(images[i])
-        axes[r, 2 * c].set_title(f"true: {class_names[labels[i]]}", fontsize=8)
-        axes[r, 2 * c + 1].imshow(overlay)
-        ok = "ok" if labels[i] == predicted[i] else "WRONG"
-        axes[r, 2 * c + 1].set_title(f"pred: {class_names[predicted[i]]} ({ok})", fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
+    with figures.style():
+        fig = figures.new_figure(figsize=(cols * 2.3 + 1.2, rows * 2.6 + 0.6))
+        axes = fig.subplots(rows, cols, squeeze=False)
+        for ax in axes.flat:
+            ax.set_axis_off()
+        for i in range(n):
+            r, c = divmod(i, 2)
+            heat = maps[i]
+            if heat.shape != images[i].shape[:2]:  # the model may resize its input (TorchClassifier input_size)
+                heat = cv2.resize(heat, images[i].shape[1::-1], interpolation=cv2.INTER_LINEAR)
+            left, right = axes[r, 2 * c], axes[r, 2 * c + 1]
+            left.imshow(images[i], interpolation="nearest")
+            left.set_title(f"true: {class_names[labels[i]]}", fontsize=8)
+            right.imshow(images[i], interpolation="nearest")
+            heat = np.clip(heat, 0.0, 1.0)
+            # opacity grows with relevance: the image shows through where the model did not look, and the
+            # colour of a relevant region stays close to its colour in the colour bar
+            right.imshow(heat, cmap=figures.HEAT_CMAP, vmin=0.0, vmax=1.0, alpha=0.15 + 0.7 * heat,
+                         interpolation="nearest")
+            verdict = "correct" if labels[i] == predicted[i] else "WRONG"
+            right.set_title(f"predicted: {class_names[predicted[i]]} ({verdict})", fontsize=8)
+        scale = matplotlib.cm.ScalarMappable(matplotlib.colors.Normalize(0.0, 1.0), figures.HEAT_CMAP)
+        fig.colorbar(scale, ax=axes, shrink=min(0.9, 0.35 + 0.15 * rows), pad=0.02,
+                     label=f"{METHOD_LABELS.get(method, method)} relevance for the predicted class\n"
+                           f"(0 = none, 1 = highest in the image)")
+        fig.suptitle(title)
+        figures.save_png(fig, path)
+    return fig

@@ -1,12 +1,10 @@
-"""A PNG grid for people: images with the true (green) and predicted (red) lesion contours."""
+"""A PNG grid for people: images with the true (solid blue) and predicted (dashed orange) lesion contours."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-
-from medpipe.io import atomic_path
 
 
 def pick_examples(masks: np.ndarray, n: int) -> np.ndarray:
@@ -20,29 +18,44 @@ def pick_examples(masks: np.ndarray, n: int) -> np.ndarray:
     return np.concatenate(take)
 
 
-def contour_grid(path: str | Path, images: np.ndarray, true: np.ndarray, pred: np.ndarray,
-                 dice: np.ndarray, title: str, columns: int = 6) -> None:
-    import matplotlib
+def panel_title(true: np.ndarray, pred: np.ndarray, dice: float) -> str:
+    """An image's Dice, and for an image without a lesion the share of it predicted as lesion."""
+    if true.any():
+        return f"Dice {dice:.2f}"
+    return f"no lesion: Dice {dice:.2f}\npredicted lesion area {np.asarray(pred, bool).mean():.1%}"
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def contour_grid(path: str | Path, images: np.ndarray, true: np.ndarray, pred: np.ndarray,
+                 dice: np.ndarray, title: str, columns: int = 6):
+    """Images with the true (solid blue) and predicted (dashed orange) lesion contours, the Dice of each, a legend;
+    returns the Figure (None for no image)."""
+    from matplotlib.lines import Line2D
+
+    from medpipe.evaluation import figures
 
     n = len(images)
     if n == 0:
-        return
+        return None
+    columns = min(columns, n)
     rows = -(-n // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.4 * rows + 0.4), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for i, ax in enumerate(axes.ravel()[:n]):
-        ax.imshow(images[i], cmap="gray")
-        if true[i].any():
-            ax.contour(true[i], levels=[0.5], colors="lime", linewidths=1.0)
-        if pred[i].any():
-            ax.contour(pred[i], levels=[0.5], colors="red", linewidths=1.0)
-        ax.set_title(f"Dice {dice[i]:.2f}" if true[i].any() else f"empty, FP {pred[i].mean():.1%}", fontsize=8)
-    fig.suptitle(f"{title} (green: truth, red: prediction)", fontsize=10)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
+    truth = {"colors": figures.TRUTH_COLOUR, "linestyles": "solid", "linewidths": 1.6}
+    prediction = {"colors": figures.PREDICTION_COLOUR, "linestyles": "dashed", "linewidths": 1.6}
+    with figures.style():
+        fig = figures.new_figure(figsize=(2.3 * columns + 0.2, 2.5 * rows + 0.9))
+        axes = fig.subplots(rows, columns, squeeze=False)
+        for ax in axes.ravel():
+            ax.set_axis_off()
+        for i, ax in enumerate(axes.ravel()[:n]):
+            ax.imshow(images[i], cmap="gray", interpolation="nearest")
+            if true[i].any():
+                ax.contour(true[i], levels=[0.5], **truth)
+            if pred[i].any():
+                ax.contour(pred[i], levels=[0.5], **prediction)
+            ax.set_title(panel_title(true[i], pred[i], float(dice[i])), fontsize=8)
+        handles = [Line2D([], [], color=truth["colors"], ls=truth["linestyles"], lw=2, label="truth (expert mask)"),
+                   Line2D([], [], color=prediction["colors"], ls=prediction["linestyles"], lw=2,
+                          label="prediction")]
+        fig.legend(handles=handles, loc="outside lower center", ncols=2, frameon=False, fontsize=9)
+        fig.suptitle(f"{title}: lesion contours")
+        figures.save_png(fig, path)
+    return fig
