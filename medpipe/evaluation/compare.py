@@ -3,8 +3,13 @@
 Two models scored on the *same* images are compared by a paired bootstrap: each resample draws one
 weight row over the images (multinomial counts, as in :mod:`medpipe.evaluation.scores`) shared by
 both models and all their training seeds; each metric is computed per seed, averaged over the seeds,
-and the difference head (b) minus base (a) is kept. The percentile interval of that difference gives
-the verdict:
+and the difference head (b) minus base (a) is kept. The BCa interval of that difference (bias-corrected
+and accelerated, :func:`medpipe.evaluation.scores.bca_interval`; the acceleration from the jackknife that
+leaves one image out of both models and all seeds at once) gives the verdict. BCa, not the percentile
+interval, because differences of skewed metrics (ECE, HD95) are skewed and biased under resampling too:
+the percentile interval then sits lopsided around the observed difference, and a verdict read from it
+can turn on that bias rather than on the data. The resamples are the same as a percentile interval's
+(same seed, same weight rows); only the levels at which the endpoints are read move.
 
 - ``better``: the interval lies entirely on the improving side of 0 (above for higher-is-better
   metrics, below for lower-is-better ones such as ECE or HD95);
@@ -35,7 +40,7 @@ import numpy as np
 from scipy import stats
 
 from medpipe.errors import UserError
-from medpipe.evaluation.scores import LOWER_IS_BETTER, weighted_metrics
+from medpipe.evaluation.scores import LOWER_IS_BETTER, bca_interval, jackknife, weighted_metrics
 
 CLASSIFIER = "classifier"
 SEGMENTER = "segmenter"
@@ -136,16 +141,17 @@ def _weight_rows(n_images: int, resamples: int, seed: int) -> np.ndarray:
 
 
 def _summarise(
-    metric: str, a: np.ndarray, b: np.ndarray, confidence: float, lower_is_better: bool
+    metric: str, a: np.ndarray, b: np.ndarray, jack_a: np.ndarray, jack_b: np.ndarray, confidence: float,
+    lower_is_better: bool,
 ) -> Comparison:
     """A :class:`Comparison` from per-row values of both models (row 0: point estimate, then resamples).
 
-    Resamples where the metric is undefined for either model are left out of the interval.
+    ``jack_a`` / ``jack_b``: each model's value with image i left out (the same image on both sides),
+    the jackknife of the difference for the BCa acceleration. Resamples (and jackknife values) where the
+    metric is undefined for either model are left out of the interval; a difference constant over the
+    resamples (identical predictions) gets the point as its interval.
     """
-    differences = (b - a)[1:]
-    differences = differences[~np.isnan(differences)]
-    tail = (1.0 - confidence) / 2 * 100
-    low, high = np.percentile(differences, [tail, 100 - tail]) if len(differences) else (np.nan, np.nan)
+    low, high = bca_interval(b[0] - a[0], (b - a)[1:], jack_b - jack_a, confidence)
     return Comparison(
         metric=metric, base=float(a[0]), head=float(b[0]), difference=float(b[0] - a[0]),
         ci_low=float(low), ci_high=float(high), verdict=verdict(low, high, lower_is_better),
@@ -159,7 +165,11 @@ def _paired(
     n_images: int, metrics: Sequence[str], lower_is_better: frozenset[str],
     resamples: int, seed: int, confidence: float,
 ) -> dict[str, Comparison]:
-    """The paired bootstrap: ``rows_a`` / ``rows_b`` map weight rows (R, N) to {metric: (R,) values}."""
+    """The paired bootstrap: ``rows_a`` / ``rows_b`` map weight rows (R, N) to {metric: (R,) values}.
+
+    One set of weight rows (the point, then the seeded resamples) and one leave-one-out jackknife
+    serve both models, so every interval is of the paired difference.
+    """
     _check_settings(resamples, confidence)
     if n_images == 0:
         raise CompareError("cannot compare models on an empty test split")
@@ -168,7 +178,9 @@ def _paired(
     unknown = sorted(set(metrics) - set(values_a))
     if unknown:
         raise CompareError(f"unknown metric(s) {unknown}; known: {sorted(values_a)}")
-    return {m: _summarise(m, values_a[m], values_b[m], confidence, m in lower_is_better) for m in metrics}
+    jack_a, jack_b = jackknife(rows_a, n_images), jackknife(rows_b, n_images)
+    return {m: _summarise(m, values_a[m], values_b[m], jack_a[m], jack_b[m], confidence, m in lower_is_better)
+            for m in metrics}
 
 
 def _seed_mean(per_seed: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

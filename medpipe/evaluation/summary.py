@@ -95,9 +95,9 @@ def markdown_summary(headline: dict[str, Any], details: dict[str, Any], verdicts
     lines = [
         "# Test-split evaluation", "",
         f"Test images: {len(test)} (" + ", ".join(f"{k} {v}" for k, v in counts.items()) + "). "
-        f"Intervals and verdicts: {cfg.confidence:.0%} percentile bootstrap over test images "
-        f"({cfg.bootstrap_resamples} resamples). Lower is better for " + ", ".join(sorted(LOWER_IS_BETTER | {"hd95"}))
-        + "; higher for the rest.", "",
+        f"Intervals and verdicts: {cfg.confidence:.0%} BCa (bias-corrected and accelerated) bootstrap over "
+        f"test images ({cfg.bootstrap_resamples} resamples). Lower is better for "
+        + ", ".join(sorted(LOWER_IS_BETTER | {"hd95"})) + "; higher for the rest.", "",
     ]
     if champion:
         lines += [f"**Champion** (by {champion['selected_by']} = {champion['validation_score']:.4f}): "
