@@ -67,3 +67,10 @@ def sha256_of(path: Path) -> str:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Integration tests (real dvc/mlflow in a copied project) are slow too: `-m "not slow"` leaves them out."""
+    for item in items:
+        if item.get_closest_marker("integration") is not None:
+            item.add_marker(pytest.mark.slow)

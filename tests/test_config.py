@@ -27,7 +27,6 @@ def params_file(tmp_path: Path, name: str = "other.yaml", **train) -> Path:
     ("epochs", "12", "train.epochs: Input should be a valid integer"),
     ("deterministic", "yes", "train.deterministic: Input should be a valid boolean"),
     ("channels_last", 1, "train.channels_last: Input should be a valid boolean"),
-    ("monitor", "balanced_acc", "train.monitor: Input should be 'accuracy', 'balanced_accuracy'"),
     ("optimizer", "adamw2", "train.optimizer: Input should be 'adam', 'adamw' or 'sgd'"),
     ("scheduler", "linear", "train.scheduler: Input should be"),
 ])
@@ -40,12 +39,28 @@ def test_a_wrong_type_or_choice_fails_when_the_params_load_naming_the_file(tmp_p
     assert message in str(err.value) and repr(value) in str(err.value)
 
 
-def test_the_loss_is_watched_going_down(tmp_path):
-    params = config.load_params(params_file(tmp_path, monitor="loss", monitor_mode="max"))
-    with pytest.raises(config.ParamsError, match="the loss is watched with 'min'"):
-        config.load_section(params, "train", TrainConfig)
-    params = config.load_params(params_file(tmp_path, monitor="loss", monitor_mode="min"))
-    assert config.load_section(params, "train", TrainConfig).monitor == "loss"
+@pytest.mark.parametrize("train, message", [
+    ({"monitor": "balanced_acc"}, "monitor 'balanced_acc' is not a classifier's validation metric"),
+    ({"monitor": "dice"}, "monitor 'dice' is not a classifier's validation metric"),
+    ({"monitor": "loss", "monitor_mode": "max"}, "the loss is watched with 'min'"),
+])
+def test_a_classifier_monitor_is_checked_when_its_params_load(tmp_path, train, message):
+    """Not after the first epoch: the stage refuses the params before any data is read."""
+    from medpipe.training.runner import model_spec
+    from medpipe.training.config import ClassifierSpec
+
+    path = params_file(tmp_path, **train)
+    with pytest.raises(config.ParamsError, match=rf"^{path}: models.cnn_two_conv.train: .*{message}"):
+        model_spec(config.load_params(path), "cnn_two_conv", ClassifierSpec)
+
+
+def test_the_loss_may_be_watched_going_down(tmp_path):
+    from medpipe.training.runner import model_spec
+    from medpipe.training.config import ClassifierSpec
+
+    path = params_file(tmp_path, monitor="loss", monitor_mode="min")
+    spec = model_spec(config.load_params(path), "cnn_two_conv", ClassifierSpec)
+    assert spec.train_config(config.load_section(config.load_params(path), "train", TrainConfig)).monitor == "loss"
 
 
 def test_numbers_as_dvc_writes_them_are_numbers(tmp_path):

@@ -731,14 +731,15 @@ def test_experiments_never_move_the_champion_alias_promotion_does(tmp_path, monk
     from medpipe.classical.stage import ClassicalPaths
     from medpipe.classical.stage import run as run_classical
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MEDPIPE_TRACKING", raising=False)
     for split, seed in (("train", 0), ("val", 1), ("test", 2)):
         make_set(seed=seed).save(tmp_path / f"{split}.npz")
     (tmp_path / "params.yaml").write_text("dataset: toy\n")
-    client = MlflowClient()
+    client = MlflowClient(tracking_uri=store, registry_uri=store)  # not a store an earlier test set globally
 
     def experiment(models: list[str]) -> dict:
         p = classical_only(bootstrap_resamples=20, temperature_scaling=False)

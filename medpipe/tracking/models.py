@@ -130,11 +130,12 @@ def find_model_version(model_file: Path, registered_name: str | None = None) -> 
     ``registered_name``, a version of that registered model only."""
     from mlflow import MlflowClient
 
-    mlflow.set_tracking_uri(tracking_uri())
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
     md5 = file_md5(model_file)
     runs = mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.model_md5 = '{md5}'",
                               order_by=["attributes.start_time DESC"], output_format="list")
-    client = MlflowClient()
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     for run in runs:
         versions = [v for v in client.search_model_versions(f"run_id = '{run.info.run_id}'")
                     if registered_name is None or v.name == registered_name]
@@ -154,7 +155,7 @@ def promote(model_file: Path, dataset: str) -> dict[str, Any]:
     if version is None:
         raise TrackingError(f"no registered MLflow model version was logged from {model_file} (md5 "
                             f"{file_md5(model_file)}) in {tracking_uri()}: train it with tracking on (dvc repro)")
-    client = MlflowClient()
+    client = MlflowClient(tracking_uri=tracking_uri(), registry_uri=tracking_uri())
     demoted = []
     prefix = registered_model_name(dataset, "")
     for model in client.search_registered_models(filter_string=f"name LIKE '{prefix}%'"):

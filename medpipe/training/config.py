@@ -70,10 +70,9 @@ class TrainConfig(Strict):
     onecycle_pct_start: float = Field(0.3, gt=0, lt=1)  # onecycle: share of the steps warming up to lr
     plateau_factor: float = Field(0.5, gt=0, lt=1)
     plateau_patience: int = Field(3, ge=0)
-    # the validation metric early stopping and checkpoint choice watch (classifiers: accuracy, balanced_accuracy,
-    # f1_macro, roc_auc, loss; the U-Net: dice, dice_lesion, loss)
-    monitor: Literal["accuracy", "balanced_accuracy", "f1_macro", "roc_auc", "loss", "dice", "dice_lesion"] = \
-        "balanced_accuracy"
+    # the validation metric early stopping and checkpoint choice watch: a classifier's one of CLASSIFIER_MONITORS
+    # (checked when its params load); the U-Net watches its Dice
+    monitor: str = "balanced_accuracy"
     monitor_mode: Literal["max", "min"] = "max"
     patience: int = Field(10, ge=1)                     # early stopping: epochs without improvement
     min_delta: float = Field(0.0, ge=0)
@@ -106,13 +105,6 @@ class TrainConfig(Strict):
         if isinstance(value, list) and (not value or any(w <= 0 for w in value)):
             raise ValueError(f"class weights must be a non-empty list of positive numbers, got {value}")
         return value
-
-    @model_validator(mode="after")
-    def _loss_goes_down(self) -> TrainConfig:
-        if (self.monitor == "loss") != (self.monitor_mode == "min"):
-            raise ValueError(f"monitor_mode {self.monitor_mode!r} with monitor {self.monitor!r}: the loss is "
-                             "watched with 'min', every other metric with 'max'")
-        return self
 
     @model_validator(mode="after")
     def _mixing_pairs_a_batch(self) -> TrainConfig:
@@ -152,8 +144,25 @@ class ModelSpec(Strict):
         return base.updated(**{"lr": base.lr * self.lr_factor, **self.train})
 
 
+def check_classifier_monitor(cfg: TrainConfig) -> TrainConfig:
+    """A classifier's ``monitor`` names one of its validation metrics, watched the right way (before any training)."""
+    if cfg.monitor not in CLASSIFIER_MONITORS:
+        raise ValueError(f"monitor {cfg.monitor!r} is not a classifier's validation metric; one of "
+                         f"{list(CLASSIFIER_MONITORS)}")
+    if (cfg.monitor == "loss") != (cfg.monitor_mode == "min"):
+        raise ValueError(f"monitor_mode {cfg.monitor_mode!r} with monitor {cfg.monitor!r}: the loss is watched "
+                         "with 'min', every other metric with 'max'")
+    return cfg
+
+
+CLASSIFIER_MONITORS = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc", "loss")  # a classifier's validation metrics
+
+
 class ClassifierSpec(ModelSpec):
     """A deep classifier: a small CNN from scratch or a transfer-learning backbone with a new head."""
+
+    def train_config(self, base: TrainConfig) -> TrainConfig:
+        return check_classifier_monitor(super().train_config(base))
 
     weights: str = "none"                    # imagenet | none | <path to a state dict>
     head: Literal["linear", "attention"] = "linear"

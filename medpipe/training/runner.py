@@ -85,13 +85,13 @@ def model_spec(params: dict, name: str, kind: type[ModelSpec]) -> ModelSpec:
     """``models.<name>`` validated as a ``kind`` with its training recipe (``train`` and its overrides)."""
     models = params.get("models") or {}
     if name not in models:
-        raise config.ParamsError(f"params.yaml: models has no entry {name!r}; defined: {sorted(models)}")
+        raise config.ParamsError(f"{config.source(params)}: models has no entry {name!r}; defined: {sorted(models)}")
     key = f"models.{name}"
     spec = config.load_section({key: models[name] or {}}, key, kind)
     try:
         spec.train_config(config.load_section(params, "train", TrainConfig))
     except ValueError as err:
-        raise config.ParamsError(f"params.yaml: models.{name}.train: {err}") from None
+        raise config.ParamsError(f"{config.source(params)}: models.{name}.train: {err}") from None
     return spec
 
 
