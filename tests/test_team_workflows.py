@@ -284,6 +284,59 @@ def test_s3_remote_push_then_a_clone_pulls_and_reproduces_nothing(team, s3_serve
         commit_all(repo, env, "no remote")
 
 
+def test_an_experiment_run_in_one_clone_is_listed_compared_and_applied_in_another(team, s3_server, tmp_path):
+    """Two machines, the DVC way: one bare git repository (experiments travel as git refs, `dvc exp push` /
+    `dvc exp pull`), the S3 remote for their outputs, one MLflow server for their runs."""
+    repo, env = team
+    endpoint, _ = s3_server
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    env = {**env, **FAKE_AWS, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    server = ["mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+              "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+              "--artifacts-destination", str(tmp_path / "artifacts")]
+    server_env = {k: v for k, v in env.items() if not k.startswith("MLFLOW_")}
+    run(["dvc", "remote", "add", "-d", "s3remote", "s3://medpipe-dvc/store"], repo, env)
+    run(["dvc", "remote", "modify", "s3remote", "endpointurl", endpoint], repo, env)
+    try:
+        run(["dvc", "repro"], repo, env)
+        commit_all(repo, env, "S3 remote, reproduced")
+        run(["dvc", "push"], repo, env)
+        bare = tmp_path / "origin.git"
+        run(["git", "clone", "-q", "--bare", str(repo), str(bare)], tmp_path, env)
+        alice, bob = tmp_path / "alice", tmp_path / "bob"
+        for clone in (alice, bob):
+            run(["git", "clone", "-q", str(bare), str(clone)], tmp_path, env)
+            run(["dvc", "pull"], clone, env)
+        with background(server, tmp_path, server_env, tmp_path / "server.log") as proc:
+            wait_for(lambda: answers(f"{uri}/health"), 120, "mlflow server /health", proc, tmp_path / "server.log")
+            shared = {**env, "MLFLOW_TRACKING_URI": uri}
+            out = run(["dvc", "exp", "run", "-n", "knn-one", "-S", "classical.knn.n_neighbors=1"], alice, shared).stdout
+            assert ran(out) == {"train_classical", "evaluate"}, out
+            run(["dvc", "exp", "push", "origin", "knn-one"], alice, shared)  # git refs to origin, outputs to S3
+
+            assert "knn-one" in run(["dvc", "exp", "list", "origin"], bob, shared).stdout
+            run(["dvc", "exp", "pull", "origin", "knn-one"], bob, shared)
+            shown = json.loads(run(["dvc", "exp", "show", "--json"], bob, shared).stdout)
+            names = {r.get("name") for c in shown for e in c.get("experiments") or [] for r in e.get("revs", [])}
+            assert "knn-one" in names, shown
+            run(["dvc", "exp", "apply", "knn-one"], bob, shared)
+            assert yaml.safe_load((bob / "params.yaml").read_text())["classical"]["knn"]["n_neighbors"] == 1
+            assert UP_TO_DATE in run(["dvc", "status"], bob, shared).stdout  # its outputs came with it
+            report = run(["medpipe-report", "--base", "HEAD", "--resamples", "200"], bob, shared).stdout
+            assert "classical.knn.n_neighbors" in report and "| knn | " in report, report
+
+            from mlflow import MlflowClient
+
+            client = MlflowClient(tracking_uri=uri)
+            runs = client.search_runs([client.get_experiment_by_name("medpipe").experiment_id], max_results=500)
+            assert "knn-one" in {r.data.tags.get("dvc_experiment") for r in runs}  # alice's run, seen by bob
+    finally:
+        run(["dvc", "remote", "remove", "s3remote"], repo, env)
+        commit_all(repo, env, "no remote")
+
+
 # --------------------------------------------------------------------------- 3. pull-request workflow
 
 
