@@ -302,7 +302,7 @@ def paths(root: Path) -> EvaluatePaths:
     return EvaluatePaths(models=root / "models", test=root / "test.npz", val=root / "val.npz",
                          metrics=root / "metrics/evaluate.json", summary=root / "metrics/summary.md",
                          details=root / "reports/evaluate", predictions=root / "reports/predictions",
-                         plots=root / "plots/evaluate")
+                         plots=root / "plots/evaluate", curves=root / "plots/train")
 
 
 def train_models(root: Path, p: dict) -> None:

@@ -197,3 +197,35 @@ def test_two_runs_write_the_same_bytes_whatever_the_users_matplotlib_settings(tm
                                 "savefig.dpi": 300, "axes.prop_cycle": matplotlib.cycler(color=["red", "green"])}):
         second = draw_all(tmp_path / "b", scored, scans)
     assert second == first
+
+
+def test_training_curves_of_every_model_land_in_two_long_tables(tmp_path):
+    """evaluate's plots/evaluate/curves/: train and validation loss per model and seed, and the validation score
+    each model's checkpoint choice watched, from the DVCLive files of the training stages."""
+    import csv
+
+    from medpipe.evaluation import curves
+
+    def tsv(path, metric, values):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"step\t{metric}\n" + "".join(f"{i + 1}\t{v}\n" for i, v in enumerate(values)))
+
+    live = tmp_path / "plots/train"
+    tsv(live / "cnn/seed42/plots/metrics/train/loss.tsv", "loss", [1.0, 0.5])
+    tsv(live / "cnn/seed42/plots/metrics/val/loss.tsv", "loss", [1.1, 0.9])
+    tsv(live / "cnn/seed42/plots/metrics/val/f1_macro.tsv", "f1_macro", [0.4, 0.6])
+    tsv(live / "cnn/seed42/plots/metrics/val/balanced_accuracy.tsv", "balanced_accuracy", [0.3, 0.7])
+    tsv(live / "unet/seed42/plots/metrics/val/dice.tsv", "dice", [0.2, 0.5])
+    params = {"train": {"monitor": "balanced_accuracy"}, "models": {"cnn": {"train": {"monitor": "f1_macro"}}}}
+    watched = curves.monitors(params, ["cnn"], ["unet"])
+    assert watched == {"cnn": "f1_macro", "unet": "dice"}
+    found = curves.write_curves([("cnn", 42, live / "cnn/seed42"), ("unet", 42, live / "unet/seed42"),
+                                 ("resnet", 42, live / "resnet/seed42")], watched, tmp_path / "out")
+    assert found == 2  # resnet has no curves: left out
+    loss = list(csv.DictReader((tmp_path / "out/loss.csv").open()))
+    assert [(r["model"], r["step"], r["split"], r["loss"]) for r in loss] == [
+        ("cnn", "1", "train", "1.0"), ("cnn", "1", "validation", "1.1"),
+        ("cnn", "2", "train", "0.5"), ("cnn", "2", "validation", "0.9")]
+    validation = list(csv.DictReader((tmp_path / "out/validation.csv").open()))
+    assert {(r["model"], r["metric"]) for r in validation} == {("cnn", "f1_macro"), ("unet", "dice")}
+    assert [r["value"] for r in validation if r["model"] == "unet"] == ["0.2", "0.5"]

@@ -417,6 +417,9 @@ def test_train_cnn_end_to_end_beats_chance(data):
     assert loss[0].split("\t") == ["step", "loss"] and [row.split("\t")[0] for row in loss[1:]] == ["1", "2", "3", "4"]
     assert (curves / "val" / "loss.tsv").is_file() and (curves / "val" / "balanced_accuracy.tsv").is_file()
     assert (curves / "lr.tsv").read_text().splitlines()[1] == "1\t0.003"
+    # DVCLive's summary, a DVC metric: the best epoch and its validation metrics, not the last epoch's
+    live_metrics = json.loads((paths.live / "metrics.json").read_text())
+    assert live_metrics == {"best_epoch": summary["best_epoch"], "val": m, "step": 4}
 
     checkpoint = load_checkpoint(paths.out / "model.pt")
     assert checkpoint["epoch"] == summary["best_epoch"] and checkpoint["extra"]["seed"] == 0

@@ -60,8 +60,9 @@ def write_plots(out: dict[str, Path], mf: ModelFile, model: Any, test: ImageSet,
     ``<model>_confusion.png``, ``<model>_reliability.png`` and, for a deep classifier, its Grad-CAM grid."""
     y, names = test.labels, test.class_names
     plots.write_csv(out["confusion"] / f"{mf.name}.csv", plots.confusion_rows(y, proba.argmax(1), names))
-    plots.write_csv(out["roc"] / f"{mf.name}.csv", plots.roc_table(y, proba, names))
-    plots.write_csv(out["pr"] / f"{mf.name}.csv", plots.pr_table(y, proba, names))
+    plots.write_csv(out["roc"] / f"{mf.name}.csv", plots.per_class(plots.roc_table(y, proba, names), "fpr", "tpr"))
+    plots.write_csv(out["pr"] / f"{mf.name}.csv",
+                    plots.per_class(plots.pr_table(y, proba, names), "recall", "precision"))
     plots.write_csv(out["calibration"] / f"{mf.name}.csv", plots.calibration_rows(y, proba, cfg.ece_bins, scaled))
     figures = out["figures"]
     plots.model_figure(figures / f"{mf.name}.png", mf.name, y, proba, names, cfg.ece_bins, scaled, temperature)

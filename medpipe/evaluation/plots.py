@@ -57,6 +57,17 @@ def pr_table(y_true: np.ndarray, proba: np.ndarray, class_names: Sequence[str]) 
     ]
 
 
+def per_class(rows: list[dict[str, float]], x: str, y: str) -> list[dict[str, float | str]]:
+    """A wide ROC/PR table (``x``, macro ``y``, ``y_<class>``...) as one row per point and curve, ``class`` naming
+    the curve (``macro`` for the average): DVC's ``by_class`` template draws a line per class."""
+    long: list[dict[str, float | str]] = []
+    for row in rows:
+        long.append({x: row[x], "class": "macro", y: row[y]})
+        long += [{x: row[x], "class": key[len(y) + 1:], y: value} for key, value in row.items()
+                 if key.startswith(f"{y}_")]
+    return long
+
+
 def confusion_rows(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str]) -> list[dict[str, str]]:
     return [{"actual": class_names[t], "predicted": class_names[p]} for t, p in zip(y_true, y_pred, strict=True)]
 

@@ -28,7 +28,7 @@ import numpy as np
 from medpipe import config
 from medpipe.data.imageset import ImageSet
 from medpipe.errors import UserError
-from medpipe.evaluation import compare, ensemble
+from medpipe.evaluation import compare, curves, ensemble
 from medpipe.evaluation.classify import score_classifier
 from medpipe.evaluation.config import EvaluateConfig
 from medpipe.evaluation.scores import evaluate_with_ci
@@ -59,6 +59,7 @@ class EvaluatePaths:
     details: Path        # reports/evaluate/
     predictions: Path    # reports/predictions/
     plots: Path          # plots/evaluate/
+    curves: Path         # plots/train/: the training stages' DVCLive curves (drawn side by side)
 
 
 def selected_models(params: dict, models_dir: Path) -> list[ModelFile]:
@@ -314,6 +315,10 @@ def run(params: dict, paths: EvaluatePaths) -> dict[str, Any]:
         headline = headline_metrics(predictions, champion, cfg)
         write_json(det / "details.json", details)
         write_json(det / "champion.json", champion)
+        deep = sorted({(f.name, f.seed, f.task) for f in files if f.is_deep})
+        curves.write_curves([(name, s, paths.curves / name / f"seed{s}") for name, s, _ in deep],
+                            curves.monitors(params, [n for n, _, t in deep if t == "classification"],
+                                            [n for n, _, t in deep if t == "segmentation"]), plot_dir / "curves")
     write_json(paths.metrics, headline)
     with atomic_path(paths.summary) as tmp:
         tmp.write_text(markdown_summary(headline, details, verdicts, champion, test, cfg))

@@ -30,6 +30,14 @@ class EpochLog:
     def __exit__(self, *exc: object) -> None:
         self.live.end()
 
+    def record_best(self, epoch: int, validation: dict[str, float | None]) -> None:
+        """DVCLive's ``metrics.json`` (a DVC metric: ``dvc exp show``, ``dvc metrics diff``) holds the best epoch and
+        its validation metrics, what chose the checkpoint, rather than the last epoch's values."""
+        last = self.live.summary.get("step")  # the last epoch logged: DVCLive keeps it as the run's step
+        self.live.summary = {"best_epoch": int(epoch),
+                             "val": {k: v for k, v in validation.items() if v is not None and math.isfinite(v)},
+                             **({"step": last} if last is not None else {})}
+
     def log(self, record: dict[str, float]) -> None:
         import mlflow
 

@@ -180,6 +180,7 @@ def train_and_write(stage: DeepStage, params: dict, spec: ModelSpec, cfg: TrainC
             predictor, result = stage.fit(paths.model, spec, cfg, splits, paths.seed, out / MODEL_FILE, epochs.log)
             summary = {"status": "ok", **best_summary(result)}
             write_json(out / VALIDATION_FILE, summary)
+            epochs.record_best(result.best_epoch, summary["validation"])
             log_trained_model(out / MODEL_FILE, predictor, splits[1].images[:2], dataset, paths.model,
                               summary["validation"], timings={"train_seconds": result.train_seconds,
                                                               "images_per_second": result.images_per_second},
