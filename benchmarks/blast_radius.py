@@ -54,7 +54,7 @@ def main() -> None:
     table = radius(args.rev)
     text = read(args.rev, "dvc.yaml")
     deps = stage_deps(text)
-    print(f"| module | stage definitions | which |\n|---|---|---|")
+    print("| module | stage definitions | which |\n|---|---|---|")
     for module, stages in sorted(table.items(), key=lambda kv: (-len(kv[1]), kv[0])):
         print(f"| `{module}` | {len(stages)} | {', '.join(stages)} |")
     print(f"\nstage definitions: {len(deps)}; modules: {len(table)}; "

@@ -369,7 +369,7 @@ def figures_section(folder: Path | None, most: int = 8) -> list[str]:
     # the figures a reviewer looks at first: confusion matrices, then the rest (reliability, contours, Grad-CAM)
     pngs = sorted(folder.rglob("*.png"), key=lambda p: ("confusion" not in p.name, "reliability" not in p.name, p))
     links = [f"![{png.relative_to(folder).with_suffix('').as_posix()}]({png.as_posix()})" for png in pngs[:most]]
-    more = [f"", f"{len(pngs) - most} more under `{folder}/`."] if len(pngs) > most else []
+    more = ["", f"{len(pngs) - most} more under `{folder}/`."] if len(pngs) > most else []
     return ["", "## Figures", "", *(links or [f"No PNG figure under `{folder}/`."]), *more]
 
 

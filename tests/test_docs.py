@@ -80,7 +80,7 @@ class Doc:
 
     def yaml_blocks(self) -> list[tuple[int, object]]:
         """The parsed ```yaml fences, each with the line number of its first line."""
-        blocks, start, prev = [], None, 0
+        blocks, start, prev, body = [], None, 0, []
         for n in sorted(self.fenced):
             if self.fenced[n] != "yaml":
                 continue
