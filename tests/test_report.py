@@ -11,7 +11,7 @@ import pytest
 
 from medpipe import report
 from medpipe.evaluation import compare as cmp
-from tests.test_compare import classifier, labelled_images, right_on, segmenter
+from tests.evaluation.test_compare import classifier, labelled_images, right_on, segmenter
 
 FAST = report.Settings(resamples=300)
 

@@ -25,7 +25,7 @@ from medpipe.training.config import TrainConfig
 from medpipe.training.data import ArrayBatches
 from test_training import TINY_MODELS, easy_images, fast_train, imageset
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------- sharded batches

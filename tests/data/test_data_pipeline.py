@@ -15,7 +15,7 @@ from medpipe.data.preprocess import ArchiveError, class_folder_items, read_datas
 from medpipe.data.registry import DatasetSpec, RegistryError
 from medpipe.data.splitting import group_images, near_duplicate_pairs, normalization_stats, split_dataset
 from tests.conftest import make_class_zip, png_bytes
-from tests.test_imaging import bomb_png
+from tests.data.test_imaging import bomb_png
 
 
 def busi_like_spec(**overrides) -> DatasetSpec:

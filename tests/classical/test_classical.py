@@ -20,7 +20,7 @@ from medpipe.data.imageset import ImageSet
 from medpipe.predictors import load_model
 
 CLASSES = ("dark", "bright", "striped")
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def synthetic(n: int, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
