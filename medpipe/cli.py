@@ -41,16 +41,19 @@ def run(main: Callable[[], None]) -> None:
 def stage_main(run_stage: Callable[[dict, P], object], paths_type: type[P], description: str | None) -> None:
     """The whole ``main`` of a stage script: a command line that mirrors the stage's ``cmd:`` in dvc.yaml.
 
-    Every field of ``paths_type`` (a dataclass) becomes a required option (``out_dir`` -> ``--out-dir``),
-    typed by its annotation, so a path is written in ``dvc.yaml`` only (in ``cmd`` and in deps/outs);
+    Every field of ``paths_type`` (a dataclass) becomes an option (``out_dir`` -> ``--out-dir``), typed by its
+    annotation and required unless the field has a default, so a path is written in ``dvc.yaml`` only (in ``cmd`` and in deps/outs);
     ``--params`` picks the params file. Then ``run_stage(params, paths)`` runs under :func:`run`.
     """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", type=Path, default=Path(config.PARAMS_FILE), help="the params file")
     hints = typing.get_type_hints(paths_type)
     for field in dataclasses.fields(paths_type):
-        parser.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, type=hints[field.name],
-                            required=True)
+        kind, optional = hints[field.name], field.default is not dataclasses.MISSING
+        if optional:  # `x: int | None = None`: an option that may be left out
+            kind = next(a for a in typing.get_args(kind) or (kind,) if a is not type(None))
+        parser.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, type=kind,
+                            required=not optional, default=field.default if optional else None)
 
     def main() -> None:
         args = vars(parser.parse_args())

@@ -22,7 +22,7 @@ from medpipe.errors import UserError
 PARAMS_FILE = "params.yaml"
 SECTIONS = (
     "seed", "seeds", "dataset", "image_size", "download", "preprocess", "split", "augment",
-    "train", "classifiers", "segmenters", "models", "classical", "segment", "evaluate", "review",
+    "cv", "train", "classifiers", "segmenters", "models", "classical", "segment", "evaluate", "review",
 )
 
 
@@ -93,6 +93,29 @@ class SplitConfig(Strict):
                 f"{self.train} + {self.val} + {self.test} = {total:.6g}"
             )
         return self
+
+
+class CVConfig(Strict):
+    """``cv``: k-fold cross-validation of the non-test images; ``folds: []`` is the hold-out split alone.
+
+    ``folds`` lists the fold numbers 0..k-1 (DVC's ``matrix`` builds one training stage per entry, so the
+    count is written as the list: ``-S 'cv.folds=[0,1,2,3,4]'`` for 5 folds).
+    """
+
+    folds: list[int] = Field(default_factory=list)
+    inner_val: float = Field(0.15, gt=0, lt=0.5)   # share of each fold's training images kept for early stopping
+
+    @model_validator(mode="after")
+    def _numbered(self) -> CVConfig:
+        if self.folds and (len(self.folds) < 2 or self.folds != list(range(len(self.folds)))):
+            raise ValueError(f"cv.folds must be [] (hold-out only) or the fold numbers 0..k-1 with k >= 2, e.g. "
+                             f"[0, 1, 2, 3, 4] for 5 folds, got {self.folds}")
+        return self
+
+    @property
+    def k(self) -> int:
+        """The number of folds (0: hold-out only)."""
+        return len(self.folds)
 
 
 class AugmentConfig(Strict):

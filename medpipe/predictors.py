@@ -31,6 +31,7 @@ from medpipe.errors import UserError
 from medpipe.io import read_json
 from medpipe.segmentation import pixel_classifier as pixel_classifier_model
 from medpipe.segmentation import predictor as unet_predictor
+from medpipe.segmentation.postprocess import to_masks
 from medpipe.training import predictor as classifier_predictor
 from medpipe.training.checkpoint import load_checkpoint
 
@@ -46,8 +47,9 @@ class ModelLoadError(UserError, ValueError):
 class ModelFile:
     name: str            # the model's name in params.yaml (`models` key, classical model, pixel_classifier)
     seed: int | None     # the training seed (None for the classical models, which train once with `seed`)
-    path: Path
+    path: Path           # the model file (with cross-validation: fold 0's)
     task: str            # classification | segmentation
+    folds: tuple[Path, ...] = ()   # with cross-validation: the model file of each fold, in fold order
 
     @property
     def is_deep(self) -> bool:
@@ -62,28 +64,47 @@ class ModelFile:
         return record.get(self.name) or {}
 
     def load(self) -> Any:
-        """The model, loaded by the module of its kind (:func:`loader`)."""
+        """The model, loaded by the module of its kind (:func:`loader`); with folds, their :class:`FoldAverage`."""
+        if self.folds:
+            return FoldAverage(tuple(load_any(path, self.task) for path in self.folds))
         return load_any(self.path, self.task)
 
 
-def deep_models(models_dir: Path, names: list[str], seeds: list[int], task: str) -> list[ModelFile]:
-    """``models/<name>/seed<k>/model.pt`` of every selected deep model and seed; skipped ones are noted."""
+def _why_missing(path: Path) -> str:
+    record = path.with_name(VALIDATION_FILE)
+    return read_json(record).get("status") if record.is_file() else "not trained (run dvc repro)"
+
+
+def deep_models(models_dir: Path, names: list[str], seeds: list[int], task: str,
+                folds: list[int] = ()) -> list[ModelFile]:
+    """``models/<name>/seed<k>/model.pt`` of every selected deep model and seed; skipped ones are noted.
+
+    With ``folds`` (cross-validation): ``models/<name>/seed<k>-fold<f>/model.pt``, one :class:`ModelFile` per
+    model and seed holding every fold's file (left out, with a warning, unless every fold has one).
+    """
     found = []
     for name in names:
         for seed in seeds:
-            path = Path(models_dir) / name / f"seed{seed}" / "model.pt"
-            if path.is_file():
-                found.append(ModelFile(name, seed, path, task))
+            folder = Path(models_dir) / name
+            paths = [folder / f"seed{seed}-fold{f}" / "model.pt" for f in folds] or [folder / f"seed{seed}" / "model.pt"]
+            missing = [p for p in paths if not p.is_file()]
+            if missing:
+                where = f" ({missing[0].parent.name})" if folds else ""
+                log.warning("%s seed %d: no model%s (%s)", name, seed, where, _why_missing(missing[0]))
             else:
-                status = read_json(path.with_name(VALIDATION_FILE)).get("status") \
-                    if path.with_name(VALIDATION_FILE).is_file() else "not trained (run dvc repro)"
-                log.warning("%s seed %d: no model (%s)", name, seed, status)
+                found.append(ModelFile(name, seed, paths[0], task, tuple(paths) if folds else ()))
     return found
 
 
-def classical_models(models_dir: Path) -> list[ModelFile]:
-    folder = Path(models_dir) / "classical"
-    return [ModelFile(p.stem, None, p, "classification") for p in sorted(folder.glob("*.joblib"))]
+def classical_models(models_dir: Path, folds: list[int] = ()) -> list[ModelFile]:
+    """``models/classical/<model>.joblib``; with ``folds``, each model's files in ``models/classical-fold<f>/``."""
+    if not folds:
+        folder = Path(models_dir) / "classical"
+        return [ModelFile(p.stem, None, p, "classification") for p in sorted(folder.glob("*.joblib"))]
+    folders = [Path(models_dir) / f"classical-fold{f}" for f in folds]
+    names = sorted(set.intersection(*({p.stem for p in folder.glob("*.joblib")} for folder in folders)))
+    return [ModelFile(name, None, folders[0] / f"{name}.joblib", "classification",
+                      tuple(folder / f"{name}.joblib" for folder in folders)) for name in names]
 
 
 def pixel_classifier(models_dir: Path) -> list[ModelFile]:
@@ -141,6 +162,37 @@ class SoftVoteClassifier:
         if len(names) > 1:
             raise ModelLoadError(f"{path}: the members predict different classes {sorted(names)}")
         return cls(loaded, float(temperature))
+
+
+@dataclass(frozen=True)
+class FoldAverage:
+    """The models of the k cross-validation folds of one model (and seed), as one: the mean of their
+    probabilities (class probabilities of a classifier, a segmenter's per-pixel lesion probabilities).
+
+    ``members[f]`` never saw fold ``f``'s images: the ``evaluate`` stage predicts those with it alone
+    (out-of-fold) and the test split with the average.
+    """
+
+    members: tuple[Any, ...]
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return tuple(self.members[0].class_names)
+
+    @property
+    def threshold(self) -> float:
+        return float(self.members[0].threshold)
+
+    @property
+    def postprocess(self) -> bool:
+        return bool(self.members[0].postprocess)
+
+    def predict_proba(self, images: np.ndarray) -> np.ndarray:
+        return sum(np.asarray(m.predict_proba(images), dtype=np.float64) for m in self.members) / len(self.members)
+
+    def predict_masks(self, images: np.ndarray, cleanup) -> np.ndarray:
+        """Masks of the averaged lesion probabilities, thresholded and cleaned up as the members' own."""
+        return to_masks(self.predict_proba(images), self.threshold, self.postprocess, cleanup)
 
 
 def loader(path: Path, task: str | None = None) -> ModuleType:

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -31,6 +31,7 @@ from medpipe import cli, config
 from medpipe.errors import UserError
 from medpipe.evaluation.compare import (
     CLASSIFIER_METRICS,
+    OUT_OF_FOLD_DIR,
     SEGMENTER_METRICS,
     WITHIN_NOISE,
     Comparison,
@@ -167,6 +168,7 @@ class ModelResult:
     comparisons: tuple[Comparison, ...]
     paired: bool
     shared: tuple[int, int, int] | None = None
+    scope: str = ""      # with cross-validation, which images: " (out-of-fold)" or " (test)"
 
     @property
     def decided(self) -> bool:
@@ -242,15 +244,36 @@ def verdict_table(results: Sequence[ModelResult], confidence: float) -> list[str
     return lines
 
 
+@dataclass(frozen=True)
+class Scope:
+    """Which predictions a verdict section compares, and how it names them."""
+
+    heading: str
+    image: str           # "test image" or "out-of-fold image"
+    split: str           # what moves the images: "Test split" or "Fold assignment"
+    label: str = ""      # appended to a model's name by the guard
+
+    @property
+    def images(self) -> str:
+        return f"{self.image}s"
+
+
+HOLD_OUT = Scope("## Model verdicts", "test image", "Test split")
+FOLD_TEST = Scope("## Model verdicts: test split (the average of the fold models)", "test image", "Test split",
+                  " (test)")
+OUT_OF_FOLD = Scope("## Model verdicts: out-of-fold (every train + val image, by the fold model that held it out)",
+                    "out-of-fold image", "Fold assignment", " (out-of-fold)")
+
+
 def verdict_section(
-    base: str, predictions_dir: Path, settings: Settings, runner: Runner = run_command
+    base: str, predictions_dir: Path, settings: Settings, runner: Runner = run_command, scope: Scope = HOLD_OUT
 ) -> tuple[list[str], list[ModelResult]]:
     """The "Model verdicts" section (the verdict table, the split-changed note, added and removed models) and
     the paired results it shows."""
     directory = PurePosixPath(predictions_dir.as_posix())
     head_models = _models([p.name for p in predictions_dir.glob("*.csv")])
     base_models = _models(files_at_revision(directory, base, runner))
-    lines = ["## Model verdicts", ""]
+    lines = [scope.heading, ""]
     if not head_models and not base_models:
         return lines + [f"No prediction files in `{directory}/` (the `evaluate` stage writes them).", ""], []
     results, unchanged = [], []
@@ -264,20 +287,20 @@ def verdict_section(
         if identical(base_pred, head_pred):
             unchanged.append(model)
         else:
-            results.append(compare_model(model, base_pred, head_pred, settings))
-    lines += _verdict_body(base, settings, results)
+            results.append(replace(compare_model(model, base_pred, head_pred, settings), scope=scope.label))
+    lines += _verdict_body(base, settings, results, scope)
     if unchanged:
-        lines += ["", "Unchanged (the same prediction for every test image and seed): "
+        lines += ["", f"Unchanged (the same prediction for every {scope.image} and seed): "
                   + ", ".join(f"`{m}`" for m in unchanged) + "."]
     lines += [*_added_removed(head_models, base_models), ""]
     return lines, results
 
 
-def _verdict_body(base: str, settings: Settings, results: Sequence[ModelResult]) -> list[str]:
+def _verdict_body(base: str, settings: Settings, results: Sequence[ModelResult], scope: Scope) -> list[str]:
     if not results:
         return []
     lines = [
-        f"Workspace minus `{base}` on the same test images; {settings.confidence:.0%} paired-bootstrap "
+        f"Workspace minus `{base}` on the same {scope.images}; {settings.confidence:.0%} paired-bootstrap "
         f"interval ({settings.resamples} resamples, metrics averaged over training seeds). better / worse: "
         "the interval excludes 0 on that side; ↓: lower is better.",
         "",
@@ -287,7 +310,7 @@ def _verdict_body(base: str, settings: Settings, results: Sequence[ModelResult])
         if result.shared is not None:
             by_shared.setdefault(result.shared, []).append(f"`{result.model}`")
     for shared, models in by_shared.items():
-        lines += [_split_changed_note(", ".join(models), *shared), ""]
+        lines += [_split_changed_note(", ".join(models), *shared, scope), ""]
     unmatched = [f"`{r.model}`" for r in results if not r.paired and r.shared is None]
     if unmatched:
         note = (f"No paired verdict for {', '.join(unmatched)}: the two sides are not the same kind of model "
@@ -296,11 +319,11 @@ def _verdict_body(base: str, settings: Settings, results: Sequence[ModelResult])
     return lines + verdict_table(results, settings.confidence)
 
 
-def _split_changed_note(models: str, shared: int, n_base: int, n_head: int) -> str:
+def _split_changed_note(models: str, shared: int, n_base: int, n_head: int, scope: Scope = HOLD_OUT) -> str:
     if shared == 0:
-        return (f"**Test split changed** for {models}: no test image is held out by both revisions "
+        return (f"**{scope.split} changed** for {models}: no {scope.image} is held out by both revisions "
                 f"(base {n_base}, head {n_head}), so no paired verdict is possible; unpaired values shown.")
-    return (f"**Test split changed** for {models}: paired on the {shared} test images both revisions "
+    return (f"**{scope.split} changed** for {models}: paired on the {shared} {scope.images} both revisions "
             f"hold out (base {n_base}, head {n_head}); base and head values are on those images.")
 
 
@@ -341,7 +364,7 @@ class Guard:
 
     def failures(self, results: Sequence[ModelResult]) -> list[str]:
         """One line per guarded paired verdict that is `worse`."""
-        return [f"`{r.model}` {c.metric}: worse ({_number(c.base)} -> {_number(c.head)}, interval "
+        return [f"`{r.model}`{r.scope} {c.metric}: worse ({_number(c.base)} -> {_number(c.head)}, interval "
                 f"[{_number(c.ci_low, True)}, {_number(c.ci_high, True)}])"
                 for r in results if r.paired and r.model in self.models
                 for c in r.comparisons if c.metric in self.metrics and c.verdict == "worse"]
@@ -387,6 +410,19 @@ def plots_section(runner: Runner, base: str, plots_out: Path | None) -> list[str
     return lines
 
 
+def verdict_sections(base: str, predictions_dir: Path, settings: Settings, runner: Runner = run_command
+                     ) -> tuple[list[str], list[ModelResult]]:
+    """The verdict sections and their results: with cross-validation on either side, the out-of-fold verdicts
+    (the powerful comparison, on every train + val image) then the test split's (the final one); else the
+    test split's alone, as before."""
+    out_of_fold = predictions_dir / OUT_OF_FOLD_DIR
+    if not out_of_fold.is_dir() and not files_at_revision(PurePosixPath(out_of_fold.as_posix()), base, runner):
+        return verdict_section(base, predictions_dir, settings, runner)
+    oof_lines, oof_results = verdict_section(base, out_of_fold, settings, runner, OUT_OF_FOLD)
+    test_lines, test_results = verdict_section(base, predictions_dir, settings, runner, FOLD_TEST)
+    return oof_lines + test_lines, oof_results + test_results
+
+
 @dataclass(frozen=True)
 class Report:
     text: str                   # the Markdown
@@ -410,7 +446,7 @@ def make_report(base: str, runner: Runner = run_command, predictions_dir: Path =
     params = _checked(runner, ["dvc", "params", "diff", base, "--md"]).strip()
     if len(params.splitlines()) <= 2:  # a table header without rows
         params = ""
-    verdicts, results = verdict_section(base, Path(predictions_dir), settings, runner)
+    verdicts, results = verdict_sections(base, Path(predictions_dir), settings, runner)
     lines = [
         f"# medpipe report: workspace (HEAD {head}) vs `{base}`", "",
         *(guard.section(results) + [""] if guard else []),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
@@ -12,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
+from medpipe.data.imageset import ImageSet
 
 # `.venv/bin/python -m pytest` without an activated venv: the dvc, mlflow and medpipe-* commands the tests run are
 # the ones installed beside this interpreter
@@ -74,3 +77,41 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("integration") is not None:
             item.add_marker(pytest.mark.slow)
+
+
+def make_set(n_per_class=(8, 6, 5), size: int = 12, seed: int = 0, masks: bool = False,
+             class_names=("benign", "malignant", "normal")) -> ImageSet:
+    """Images with a class-dependent bright corner; with ``masks``, a bright lesion square in every image
+    but those of the last class (BUSI's 'normal'), and its mask."""
+    rng = np.random.default_rng(seed)
+    images, labels, lesions = [], [], []
+    for label, n in enumerate(n_per_class):
+        for _ in range(n):
+            img = rng.integers(0, 120, size=(size, size, 3))
+            img[: size // 2, : size // 2] += 40 * label  # class-dependent bright corner
+            lesion = np.zeros((size, size), np.uint8)
+            if masks and label != len(n_per_class) - 1:
+                side = size // 3
+                top, left = rng.integers(size // 4, size - side, size=2)
+                lesion[top:top + side, left:left + side] = 1
+                img[lesion.astype(bool)] = 230
+            images.append(np.clip(img, 0, 255).astype(np.uint8))
+            labels.append(label)
+            lesions.append(lesion)
+    n = len(labels)
+    return ImageSet(
+        images=np.stack(images), labels=np.array(labels, dtype=np.int64), class_names=tuple(class_names),
+        source_ids=np.array([f"img{i}" for i in range(n)]), groups=np.full(n, ""),
+        content_hashes=np.array([f"h{i}" for i in range(n)]), phashes=np.zeros(n, dtype=np.uint64),
+        source_splits=np.full(n, ""), masks=np.stack(lesions) if masks else None,
+    )
+
+
+def distinct(data: ImageSet, prefix: str, seed: int) -> ImageSet:
+    """``data`` with unique source ids and content hashes, and perceptual hashes far apart (no near-duplicates)."""
+    rng = np.random.default_rng(seed)
+    n = len(data)
+    return dataclasses.replace(
+        data, source_ids=np.array([f"{prefix}{i}" for i in range(n)]),
+        content_hashes=np.array([f"{prefix}h{i}" for i in range(n)]),
+        phashes=rng.integers(0, 2**63, size=n, dtype=np.uint64))

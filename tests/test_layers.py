@@ -44,6 +44,8 @@ MAY_USE: dict[str, tuple[tuple[str, ...], str]] = {
                    "preprocess decodes and crops images; it knows no split, model or training"),
     "split": (("medpipe/data/splitting.py",), "split groups and splits the image arrays, nothing else"),
     "augment": (("medpipe/data/augment.py",), "augment transforms the training split, nothing else"),
+    "folds": (("medpipe/data/folds.py", "medpipe/data/splitting.py", "medpipe/data/augment.py"),
+              "folds groups, deals and augments the train + val images as split and augment do, nothing else"),
     "train": (("medpipe/training/", "medpipe/models/", "medpipe/metrics.py", *ENGINE, *TRACKING),
               "a deep classifier trains on the shared engine and the architecture registry; no segmenter, "
               "classical model or evaluation code, so editing those never retrains a classifier"),
@@ -69,6 +71,9 @@ MAY_USE: dict[str, tuple[tuple[str, ...], str]] = {
                  "evaluate loads and scores models: their loaders and prediction code, never a training stage "
                  "(training loop, optimiser, fit code), so a change there reaches it only through new models"),
 }
+
+# a training stage on a cross-validation fold runs the same script as its hold-out stage, on the fold's data
+MAY_USE |= {f"{stage}_fold": MAY_USE[stage] for stage in ("train", "train_segmenter", "train_classical")}
 
 
 def allowed(module: str, rules: tuple[str, ...]) -> bool:

@@ -202,3 +202,28 @@ def test_guard_refuses_an_unknown_metric(tmp_path):
     params.write_text("review:\n  guard_models: [cnn]\n  guard_metrics: [acuracy]\n")
     with pytest.raises(report.config.ParamsError, match=r"review.guard_metrics \['acuracy'\] are not headline"):
         report.Guard.from_params(params)
+
+
+@pytest.mark.skipif(shutil.which("dvc") is None, reason="needs the dvc command")
+def test_with_cross_validation_the_out_of_fold_verdicts_come_first_and_the_guard_names_them(repo):
+    """Out-of-fold predictions (``cv.folds``) give a section of their own before the test split's: a change too
+    small to decide on 200 test images is decided on 800 out-of-fold ones."""
+    labels, pool = labelled_images(), labelled_images(800)
+    predictions = repo / "reports/predictions"
+    write_predictions(predictions, cnn=classifier(labels, right_on(150)))
+    write_predictions(predictions / cmp.OUT_OF_FOLD_DIR, cnn=classifier(pool, right_on(600, 800)))
+    commit_base(repo, predictions)
+    shifted = (np.arange(200) >= 20) & (np.arange(200) < 160)   # 5 points worse on other images: within noise
+    write_predictions(predictions, cnn=classifier(labels, shifted))
+    write_predictions(predictions / cmp.OUT_OF_FOLD_DIR, cnn=classifier(pool, right_on(560, 800)))
+    (repo / "params.yaml").write_text("evaluate:\n  lr: 0.001\nreview:\n  guard_models: [cnn]\n"
+                                      "  guard_metrics: [accuracy]\n")
+    with pytest.raises(SystemExit):
+        report.main(["--base", "main", "--out", "report.md", "--guard", "--resamples", "300"])
+    text = (repo / "report.md").read_text()
+    oof, test = text.index("## Model verdicts: out-of-fold"), text.index("## Model verdicts: test split")
+    assert oof < test
+    assert table_rows(text[oof:test], "cnn")["accuracy"][6].startswith("**worse**")
+    assert table_rows(text[test:], "cnn")["accuracy"][6].startswith("within noise")
+    assert "- **failed**: `cnn` (out-of-fold) accuracy: worse (0.7500 -> 0.7000" in text
+    assert "`cnn` (test) accuracy" not in text

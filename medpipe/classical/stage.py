@@ -30,7 +30,12 @@ LOADER = "medpipe.classical.predictor"   # the module that loads the saved model
 class ClassicalPaths:
     train: Path    # data/processed/<classical.train_set>.npz
     val: Path      # data/processed/val.npz
-    out: Path      # models/classical/
+    out: Path      # models/classical/ (models/classical-fold<f>/ for a cross-validation fold)
+    fold: int | None = None   # the cross-validation fold the data comes from (data/folds/fold<f>/), if any
+
+    def tracked_name(self, model: str) -> str:
+        """A model's name in MLflow: ``<model>``, or ``<model>-fold<f>`` for a fold's."""
+        return model if self.fold is None else f"{model}-fold{self.fold}"
 
 
 def save_model(model: ImageClassifier, path: Path) -> None:
@@ -43,16 +48,18 @@ def validation_record(result: TrainResult) -> dict:
     return {name: dict(m.metrics) for name, m in result.models.items()}
 
 
-def log_models(result: TrainResult, out: Path, final: Path, dataset: str, seed: int, cfg: ClassicalConfig,
+def log_models(result: TrainResult, out: Path, paths: ClassicalPaths, dataset: str, seed: int, cfg: ClassicalConfig,
                example) -> None:
     """One MLflow run per model: validated config, validation metrics, timings, the registered model."""
+    final = paths.out
     for name, trained in result.models.items():
-        params = {"seed": seed, "classical": cfg.model_dump()}
+        params = {"seed": seed, "classical": cfg.model_dump(), **({"fold": paths.fold} if paths.fold is not None else {})}
         if trained.best_params:
             params["best"] = trained.best_params
-        with start_run(STAGE, dataset, name, params):
+        with start_run(STAGE, dataset, paths.tracked_name(name), params):
             timings = {"fit_seconds": trained.fit_seconds, "feature_seconds": result.feature_seconds}
-            log_trained_model(out / f"{name}.joblib", trained.model, example, dataset, name, trained.metrics,
+            log_trained_model(out / f"{name}.joblib", trained.model, example, dataset, paths.tracked_name(name),
+                              trained.metrics,
                               timings, recorded_as=final / f"{name}.joblib", loader=LOADER)
 
 
@@ -74,5 +81,5 @@ def run(params: dict, paths: ClassicalPaths) -> TrainResult:
         for name, trained in result.models.items():
             save_model(trained.model, out / f"{name}.joblib")
         write_json(out / VALIDATION_FILE, validation_record(result))
-        log_models(result, out, paths.out, dataset, seed, cfg, val_set.images[:1])
+        log_models(result, out, paths, dataset, seed, cfg, val_set.images[:1])
     return result

@@ -82,6 +82,11 @@ class ImageSet:
         return cls(**values)
 
 
+def fold_file(folds_dir: str | Path, fold: int, name: str) -> Path:
+    """``data/folds/fold<f>/<name>.npz``: an image set of one cross-validation fold (the ``folds`` stage's)."""
+    return Path(folds_dir) / f"fold{fold}" / f"{name}.npz"
+
+
 def missing_masks(train: ImageSet, val: ImageSet) -> str | None:
     """Why a segmenter cannot train on these splits (no masks, or no lesion to learn), else None."""
     if train.masks is None or val.masks is None:

@@ -97,7 +97,7 @@ def group_images(data: ImageSet, max_distance: int) -> Grouping:
     return Grouping(group_of, exact, len(near), conflicting)
 
 
-def _assign_groups(group_ids: np.ndarray, group_labels: np.ndarray, group_sizes: np.ndarray,
+def assign_groups(group_ids: np.ndarray, group_labels: np.ndarray, group_sizes: np.ndarray,
                    fractions: tuple[float, ...], rng: np.random.Generator) -> np.ndarray:
     """Split index (0..len(fractions)-1) per group, stratified by the group's label: within each class
     the shuffled groups fill the splits in order, by the position of each group's midpoint."""
@@ -137,11 +137,11 @@ def split_dataset(data: ImageSet, fractions: tuple[float, float, float], seed: i
         if not (group_split == 1).any():  # the source has no validation split: carve it out of train
             in_train = np.flatnonzero(group_split == 0)
             val_share = fractions[1] / (fractions[0] + fractions[1])
-            sub = _assign_groups(groups[in_train], group_labels[in_train], sizes[in_train],
+            sub = assign_groups(groups[in_train], group_labels[in_train], sizes[in_train],
                                  (1 - val_share, val_share), rng)
             group_split[in_train[sub == 1]] = 1
     else:
-        group_split = _assign_groups(groups, group_labels, sizes, fractions, rng)
+        group_split = assign_groups(groups, group_labels, sizes, fractions, rng)
     split_of = group_split[group_of]
     dropped = 0
     if conflicting_labels == "drop" and conflicted:

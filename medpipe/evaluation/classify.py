@@ -16,7 +16,7 @@ from medpipe.evaluation import calibration, gradcam, plots
 from medpipe.evaluation.config import EvaluateConfig
 from medpipe.evaluation.scores import evaluate_with_ci
 from medpipe.evaluation.tta import predict_proba_tta
-from medpipe.predictors import ModelFile
+from medpipe.predictors import FoldAverage, ModelFile
 
 log = logging.getLogger(__name__)
 
@@ -71,18 +71,26 @@ def write_plots(out: dict[str, Path], mf: ModelFile, model: Any, test: ImageSet,
                              temperature)
     if mf.is_deep and cfg.gradcam and cfg.gradcam_per_class > 0:
         pick = gradcam.sample_per_class(y, cfg.gradcam_per_class, seed)
-        maps, predicted = gradcam.cam_maps(model, test.images[pick], cfg.gradcam_method)
+        explained = model.members[0] if isinstance(model, FoldAverage) else model   # a network: fold 0's
+        maps, predicted = gradcam.cam_maps(explained, test.images[pick], cfg.gradcam_method)
         label = gradcam.METHOD_LABELS[cfg.gradcam_method]
+        which = f"{mf.name} (fold 0's model)" if isinstance(model, FoldAverage) else mf.name
         gradcam.overlay_figure(out["gradcam"] / f"{mf.name}.png",
-                               f"{mf.name}: {label} of the predicted class, test split ({len(pick)} images)",
+                               f"{which}: {label} of the predicted class, test split ({len(pick)} images)",
                                test.images[pick], maps, y[pick], predicted, names, cfg.gradcam_method)
 
 
-def score_classifier(model: Any, mf: ModelFile, test: ImageSet, val: ImageSet | None, cfg: EvaluateConfig,
-                     seed: int, out: dict[str, Path] | None) -> ClassifierScore:
+def reference_proba(model: Any, val: ImageSet) -> np.ndarray:
+    """The validation split's class probabilities (what temperature scaling and the ensemble are fitted on)."""
+    return np.asarray(model.predict_proba(val.images), dtype=np.float64)
+
+
+def score_classifier(model: Any, mf: ModelFile, test: ImageSet, reference: tuple[np.ndarray, np.ndarray] | None,
+                     cfg: EvaluateConfig, seed: int, out: dict[str, Path] | None) -> ClassifierScore:
     """Metrics (plain, temperature-scaled calibration, TTA) of one model; its plots when ``out`` is given.
 
-    ``val``: the validation split, predicted too (temperature scaling, the ensemble's weights), or None.
+    ``reference``: (probabilities, labels) of images the model was not trained on, for temperature scaling
+    and the ensemble's weights (the validation split's, or with cross-validation the out-of-fold ones), or None.
     """
     ci = {"resamples": cfg.bootstrap_resamples, "confidence": cfg.confidence, "seed": cfg.bootstrap_seed,
           "ece_bins": cfg.ece_bins}
@@ -92,11 +100,9 @@ def score_classifier(model: Any, mf: ModelFile, test: ImageSet, val: ImageSet | 
     log.info("%s: %d test images in %.2f s", mf.name, len(test), time.perf_counter() - start)
     y = test.labels
     details = evaluate_with_ci(y, proba, test.class_names, **ci)
-    scaled, val_proba = None, None
-    if val is not None:
-        val_proba = np.asarray(model.predict_proba(val.images), dtype=np.float64)
-    if val_proba is not None and cfg.temperature_scaling:
-        details.update(temperature_scaled(val_proba, val.labels, proba, y, test.class_names, ci))
+    scaled, val_proba = None, None if reference is None else reference[0]
+    if reference is not None and cfg.temperature_scaling:
+        details.update(temperature_scaled(*reference, proba, y, test.class_names, ci))
         scaled = calibration.apply_temperature(proba, details["temperature"])
     if mf.is_deep and cfg.tta.enabled:
         details["tta"] = evaluate_with_ci(y, predict_proba_tta(model, test.images, cfg.tta, seed), test.class_names,

@@ -42,6 +42,7 @@ from scipy import stats
 from medpipe.errors import UserError
 from medpipe.evaluation.scores import LOWER_IS_BETTER, bca_interval, jackknife, weighted_metrics
 
+OUT_OF_FOLD_DIR = "out_of_fold"   # reports/predictions/out_of_fold/<model>.csv: cross-validation's predictions
 CLASSIFIER = "classifier"
 SEGMENTER = "segmenter"
 CLASSIFIER_METRICS = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc", "ece")
@@ -328,19 +329,43 @@ def compare(
     return paired_bootstrap_scores(base.scores, head.scores, metrics, resamples, seed, confidence)
 
 
+def _metric_rows(predictions: Predictions, ece_bins: int) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    """Weight rows (R, N) -> {metric: (R,) seed-averaged values} of one prediction set."""
+    if predictions.kind == CLASSIFIER:
+        return _classifier_rows(predictions.labels, predictions.proba, ece_bins)
+    return _score_rows(predictions.scores)
+
+
+def _known(metrics: Sequence[str], values: Mapping[str, np.ndarray]) -> None:
+    unknown = sorted(set(metrics) - set(values))
+    if unknown:
+        raise CompareError(f"unknown metric(s) {unknown}; known: {sorted(values)}")
+
+
 def point_estimates(predictions: Predictions, metrics: Sequence[str] | None = None,
                     ece_bins: int = 15) -> dict[str, float]:
     """Seed-averaged metric values on the whole test split (no interval): {metric: value}."""
     metrics = tuple(metrics or HEADLINE_METRICS[predictions.kind])
-    ones = np.ones((1, len(predictions.images)))
-    if predictions.kind == CLASSIFIER:
-        rows = _classifier_rows(predictions.labels, predictions.proba, ece_bins)(ones)
-    else:
-        rows = _score_rows(predictions.scores)(ones)
-    unknown = sorted(set(metrics) - set(rows))
-    if unknown:
-        raise CompareError(f"unknown metric(s) {unknown}; known: {sorted(rows)}")
+    rows = _metric_rows(predictions, ece_bins)(np.ones((1, len(predictions.images))))
+    _known(metrics, rows)
     return {m: float(rows[m][0]) for m in metrics}
+
+
+def intervals(predictions: Predictions, metrics: Sequence[str] | None = None, resamples: int = 1000,
+              seed: int = 0, confidence: float = 0.95, ece_bins: int = 15) -> dict[str, float | None]:
+    """Seed-averaged metrics with their BCa bootstrap interval over the images:
+    ``{metric: value, metric_ci_low: ..., metric_ci_high: ...}`` (None where undefined)."""
+    _check_settings(resamples, confidence)
+    metrics = tuple(metrics or HEADLINE_METRICS[predictions.kind])
+    rows, n_images = _metric_rows(predictions, ece_bins), len(predictions.images)
+    values = rows(_weight_rows(n_images, resamples, seed))
+    _known(metrics, values)
+    jack = jackknife(rows, n_images)
+    out: dict[str, float | None] = {}
+    for m in metrics:
+        low, high = bca_interval(values[m][0], values[m][1:], jack[m], confidence)
+        out |= {m: values[m][0], f"{m}_ci_low": low, f"{m}_ci_high": high}
+    return {k: None if v is None or not np.isfinite(v) else round(float(v), 6) for k, v in out.items()}
 
 
 def ties_with(

@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,10 +27,12 @@ from typing import Any
 import numpy as np
 
 from medpipe import config
+from medpipe.config import CVConfig
 from medpipe.data.imageset import ImageSet
 from medpipe.errors import UserError
-from medpipe.evaluation import compare, curves, ensemble
-from medpipe.evaluation.classify import score_classifier
+from medpipe.evaluation import compare, crossval, curves, ensemble
+from medpipe.evaluation.classify import reference_proba, score_classifier
+from medpipe.evaluation.crossval import Folds
 from medpipe.evaluation.config import EvaluateConfig
 from medpipe.evaluation.scores import evaluate_with_ci
 from medpipe.evaluation.summary import markdown_summary
@@ -60,17 +63,19 @@ class EvaluatePaths:
     predictions: Path    # reports/predictions/
     plots: Path          # plots/evaluate/
     curves: Path         # plots/train/: the training stages' DVCLive curves (drawn side by side)
+    folds: Path          # data/folds/: each cross-validation fold's held-out images (read when cv.folds is set)
 
 
-def selected_models(params: dict, models_dir: Path) -> list[ModelFile]:
-    """The model files of the models and seeds params.yaml selects (stale folders are ignored)."""
+def selected_models(params: dict, models_dir: Path, folds: list[int] = ()) -> list[ModelFile]:
+    """The model files of the models and seeds params.yaml selects (stale folders are ignored); with ``folds``
+    (cross-validation) each deep and classical classifier's and each deep segmenter's fold models."""
     seeds = config.training_seeds(params)
     if ensemble.NAME in (params.get("classifiers") or []):
         raise config.ParamsError(f"classifiers: {ensemble.NAME!r} is the evaluate stage's soft vote of all "
                                  f"classifiers; give the model in `models` another name")
-    files = deep_models(models_dir, list(params.get("classifiers") or []), seeds, "classification")
-    files += classical_models(models_dir)
-    files += deep_models(models_dir, list(params.get("segmenters") or []), seeds, "segmentation")
+    files = deep_models(models_dir, list(params.get("classifiers") or []), seeds, "classification", folds)
+    files += classical_models(models_dir, folds)
+    files += deep_models(models_dir, list(params.get("segmenters") or []), seeds, "segmentation", folds)
     files += pixel_classifier(models_dir)
     if not files:
         raise NoModelError(f"no trained model under {models_dir}: run the training stages first (dvc repro)")
@@ -117,19 +122,39 @@ def test_predictions(test: ImageSet, seeds: list[int], probas: list[np.ndarray])
     )
 
 
-def evaluate_classifier(files: list[ModelFile], test: ImageSet, val: ImageSet | None, cfg: EvaluateConfig,
-                        seed: int, out: dict[str, Path]) -> tuple[compare.Predictions, dict[str, Any], Member]:
-    """Every seed of one classifier: predictions, per-seed details, and plots/figures of the first seed."""
+@dataclass(frozen=True)
+class Reference:
+    """The images a model did not train on that fit its temperature and the ensemble's weights: the validation
+    split, or with cross-validation every train + val image predicted out-of-fold (``folds``)."""
+
+    images: ImageSet | None      # the validation split, or the folds' pool; None: no reference needed
+    folds: Folds | None = None
+
+    def proba(self, model: Any, mf: ModelFile) -> tuple[np.ndarray, np.ndarray] | None:
+        if self.folds is not None:
+            return crossval.classifier_proba(model, mf, self.folds), self.folds.pool.labels
+        return None if self.images is None else (reference_proba(model, self.images), self.images.labels)
+
+
+def evaluate_classifier(files: list[ModelFile], test: ImageSet, reference: Reference, cfg: EvaluateConfig,
+                        seed: int, out: dict[str, Path]
+                        ) -> tuple[compare.Predictions, dict[str, Any], Member, compare.Predictions | None]:
+    """Every seed of one classifier: test predictions, per-seed details, plots/figures of the first seed, and
+    with cross-validation the out-of-fold predictions."""
     scored = []
     for k, mf in enumerate(files):
         log.info("evaluating %s (%s)", mf.name, mf.path)
-        scored.append(score_classifier(mf.load(), mf, test, val, cfg, seed, out if k == 0 else None))
-    predictions = test_predictions(test, [f.seed if f.seed is not None else seed for f in files],
-                                   [r.proba for r in scored])
+        model = mf.load()
+        scored.append(score_classifier(model, mf, test, reference.proba(model, mf), cfg, seed,
+                                       out if k == 0 else None))
+    seeds = [f.seed if f.seed is not None else seed for f in files]
+    predictions = test_predictions(test, seeds, [r.proba for r in scored])
     details = {str(mf.seed) if mf.seed is not None else "-": r.details for mf, r in zip(files, scored, strict=True)}
     member = Member({mf.seed: mf for mf in files}, {mf.seed: r.val_proba for mf, r in zip(files, scored, strict=True)},
                     {mf.seed: r.proba for mf, r in zip(files, scored, strict=True)})
-    return predictions, details, member
+    oof = None if reference.folds is None else \
+        crossval.classifier_predictions(reference.folds.pool, seeds, [r.val_proba for r in scored])
+    return predictions, details, member, oof
 
 
 @dataclass(frozen=True)
@@ -140,19 +165,21 @@ class Vote:
     vote: ensemble.SoftVote
     files: dict[str, ModelFile]
 
-    def record(self, metric: str) -> dict[str, Any]:
-        """What ``ensemble.json`` holds: a model file for ``medpipe-predict`` (members of positive weight)."""
-        return {"model": ensemble.NAME, "seed": self.seed, "selected_on": f"validation {metric}",
+    def record(self, selected_on: str, served: Callable[[ModelFile], Path]) -> dict[str, Any]:
+        """What ``ensemble.json`` holds: a model file for ``medpipe-predict`` (members of positive weight, each
+        member's file as ``served`` names it); ``selected_on``: e.g. ``validation balanced_accuracy``."""
+        return {"model": ensemble.NAME, "seed": self.seed, "selected_on": selected_on,
                 "validation_cross_fitted": round(self.vote.validation_score, 6),
                 "validation_in_sample": round(self.vote.validation_in_sample, 6),
                 "temperature": self.vote.temperature,
-                "members": [{"model": name, "file": str(self.files[name].path), "weight": weight}
+                "members": [{"model": name, "file": str(served(self.files[name])), "weight": weight}
                             for name, weight in self.vote.weights.items() if weight > 0]}
 
 
 def evaluate_ensemble(members: dict[str, Member], val: ImageSet, test: ImageSet, cfg: EvaluateConfig,
                       seed: int) -> tuple[compare.Predictions, dict[str, Any], list[Vote]]:
-    """The soft vote of every classifier, once per training seed, weights chosen on the validation split."""
+    """The soft vote of every classifier, once per training seed, weights chosen on the reference images ``val``
+    (the validation split, or with cross-validation the pool of out-of-fold predictions)."""
     seeds = sorted({s for m in members.values() for s in m.test if s is not None}) or [None]
     probas, votes, details = [], [], {}
     for s in seeds:
@@ -179,19 +206,24 @@ def append_lesion_scores(into: dict[str, list[np.ndarray]], per_image: dict[str,
 
 
 def evaluate_segmenter(files: list[ModelFile], test: ImageSet, cleanup, seed: int, cfg: EvaluateConfig,
-                       figures: Path) -> tuple[compare.Predictions, dict[str, Any]]:
+                       figures: Path, folds: Folds | None = None
+                       ) -> tuple[compare.Predictions, dict[str, Any], compare.Predictions | None]:
     """Every seed of one segmenter: per-image Dice, IoU and HD95 on the test images with a lesion.
 
     Deep segmenters are also scored with test-time augmentation (``evaluate.tta``: the probability maps of the
     views, turned back, averaged, then thresholded and cleaned up like a plain prediction): the ``tta`` entry,
-    mean and std over seeds as for the plain scores.
+    mean and std over seeds as for the plain scores. With ``folds`` (cross-validation; fold models only), the
+    out-of-fold per-image scores of every train + val image with a lesion as well.
     """
     lesion = np.flatnonzero(test.masks.reshape(len(test), -1).any(1))
     scores: dict[str, list[np.ndarray]] = defaultdict(list)
     tta_scores: dict[str, list[np.ndarray]] = defaultdict(list)
+    oof_scores = []
     for k, mf in enumerate(files):
         log.info("evaluating %s (%s)", mf.name, mf.path)
         model = mf.load()
+        if folds is not None and mf.folds:
+            oof_scores.append(crossval.segmenter_scores(model, mf, folds, cleanup))
         masks = model.predict_masks(test.images, cleanup)
         per_image = per_image_scores(test.masks, masks)
         append_lesion_scores(scores, per_image, lesion)
@@ -201,8 +233,9 @@ def evaluate_segmenter(files: list[ModelFile], test: ImageSet, cleanup, seed: in
             append_lesion_scores(tta_scores, per_image_scores(test.masks, tta_masks), lesion)
         if k == 0 and cfg.grid_images:
             contour_figure(figures / f"{mf.name}.png", test, masks, per_image["dice"], cfg.grid_images, mf.name)
+    seeds = [f.seed if f.seed is not None else seed for f in files]
     predictions = compare.Predictions(
-        kind=compare.SEGMENTER, seeds=tuple(f.seed if f.seed is not None else seed for f in files),
+        kind=compare.SEGMENTER, seeds=tuple(seeds),
         images=lesion, sources=tuple(str(test.source_ids[i]) for i in lesion),
         scores={m: np.stack(v) for m, v in scores.items()},
     )
@@ -212,7 +245,8 @@ def evaluate_segmenter(files: list[ModelFile], test: ImageSet, cleanup, seed: in
             predictions, scores={m: np.stack(v) for m, v in tta_scores.items()}), cfg.ece_bins)
         mean, std = mean_std(per_seed)
         info["tta"] = {"headline_per_seed": per_seed, "mean": mean, "std": std}
-    return predictions, info
+    oof = crossval.segmenter_predictions(folds.pool, seeds, oof_scores) if oof_scores else None
+    return predictions, info, oof
 
 
 def contour_figure(path: Path, test: ImageSet, masks: np.ndarray, dice: np.ndarray, n: int, name: str) -> None:
@@ -261,31 +295,67 @@ def choose_champion(candidates: dict[str, list[tuple[float, Candidate]]]) -> tup
     return best, means[best], max(candidates[best], key=lambda entry: entry[0])[1]
 
 
-def crown(champion: tuple[str, float, Candidate] | None, metric: str, ensemble_file: Path) -> dict[str, Any]:
+def out_of_fold_candidates(group: list[ModelFile], oof: compare.Predictions, metric: str,
+                           ece_bins: int) -> list[tuple[float, Candidate]]:
+    """[(out-of-fold ``metric`` of one seed, its files), ...]: what the champion is chosen on with cross-validation."""
+    return [(float(scores[metric]), mf) for scores, mf in zip(per_seed_headline(oof, ece_bins), group, strict=True)
+            if math.isfinite(scores[metric])]
+
+
+def crown(champion: tuple[str, float, Candidate] | None, metric: str, ensemble_file: Path,
+          served: Callable[[ModelFile], Path], basis: str) -> dict[str, Any]:
+    """champion.json: the chosen model, the file that serves it, and the score (``basis``: validation or
+    out-of-fold) that chose it."""
     if champion is None:
-        log.warning("no classifier has a validation %s: no champion chosen", metric)
+        log.warning("no classifier has a %s %s: no champion chosen", basis, metric)
         return {}
     name, score, chosen = champion
-    log.info("champion: %s (mean validation %s = %.4f)", name, metric, score)
+    log.info("champion: %s (mean %s %s = %.4f)", name, basis, metric, score)
     if isinstance(chosen, Vote):
         return {"model": name, "seed": chosen.seed, "file": str(ensemble_file),
-                "selected_by": f"mean cross-fitted validation {metric}", "validation_score": round(score, 6)}
+                "selected_by": f"mean cross-fitted {basis} {metric}", "validation_score": round(score, 6)}
     # nothing from MLflow goes into this cached output: `medpipe-promote` moves the alias, explicitly
-    return {"model": name, "seed": chosen.seed, "file": str(chosen.path), "selected_by": f"mean validation {metric}",
+    return {"model": name, "seed": chosen.seed, "file": str(served(chosen)), "selected_by": f"mean {basis} {metric}",
             "validation_score": round(score, 6)}
+
+
+def fold_record_name(mf: ModelFile) -> str:
+    """``folds/<model>-seed<k>.json`` (``folds/<model>.json`` for a classical model): a fold-averaged model."""
+    return f"folds/{mf.name}.json" if mf.seed is None else f"folds/{mf.name}-seed{mf.seed}.json"
+
+
+def out_of_fold_details(p: compare.Predictions, cfg: EvaluateConfig) -> dict[str, Any]:
+    """Out-of-fold metrics per seed, and their seed mean with its BCa interval over the pool's images."""
+    summary = compare.intervals(p, resamples=cfg.bootstrap_resamples, seed=cfg.bootstrap_seed,
+                                confidence=cfg.confidence, ece_bins=cfg.ece_bins) if cfg.bootstrap_resamples \
+        else rounded(compare.point_estimates(p, ece_bins=cfg.ece_bins))
+    return {"images": len(p.images), "headline_per_seed": per_seed_headline(p, cfg.ece_bins), "seed_mean": summary}
 
 
 def run(params: dict, paths: EvaluatePaths) -> dict[str, Any]:
     cfg = config.load_section(params, "evaluate", EvaluateConfig)
     cleanup = config.load_section(params, "segment", SegmentConfig).cleanup
+    cv = config.load_section(params, "cv", CVConfig)
     seed = config.global_seed(params)
     config.seed_everything(seed)
-    files = selected_models(params, paths.models)
+    files = selected_models(params, paths.models, cv.folds)
     test = ImageSet.load(paths.test)
-    val = ImageSet.load(paths.val) if cfg.temperature_scaling or cfg.ensemble.enabled else None
+    folds = crossval.load_folds(paths.folds, cv) if cv.k else None
+    if folds is not None:
+        reference, basis = Reference(folds.pool, folds), "out-of-fold"
+    else:
+        needed = cfg.temperature_scaling or cfg.ensemble.enabled
+        reference, basis = Reference(ImageSet.load(paths.val) if needed else None), "validation"
+
+    def served(mf: ModelFile) -> Path:
+        """The file that serves a model: its own, or with folds the record of their average."""
+        return paths.details / fold_record_name(mf) if mf.folds else mf.path
+
     predictions: dict[str, compare.Predictions] = {}
+    oof: dict[str, compare.Predictions] = {}
     details: dict[str, Any] = {}
     members: dict[str, Member] = {}
+    candidates: dict[str, list[tuple[float, Candidate]]] = {}
     with atomic_dir(paths.details) as det, atomic_dir(paths.predictions) as pred_dir, \
             atomic_dir(paths.plots) as plot_dir:
         out = {kind: plot_dir / kind for kind in PLOT_KINDS} | {"figures": det / "figures", "gradcam": det / "gradcam"}
@@ -293,26 +363,44 @@ def run(params: dict, paths: EvaluatePaths) -> dict[str, Any]:
             folder.mkdir(parents=True, exist_ok=True)
         for name, group in by_name(files).items():
             if group[0].task == "classification":
-                predictions[name], by_seed, members[name] = evaluate_classifier(group, test, val, cfg, seed, out)
+                predictions[name], by_seed, members[name], oof_pred = evaluate_classifier(group, test, reference,
+                                                                                          cfg, seed, out)
                 details[name] = {"seeds": by_seed}
+                if oof_pred is not None:
+                    candidates[name] = out_of_fold_candidates(group, oof_pred, cfg.champion_metric, cfg.ece_bins)
             else:
-                predictions[name], details[name] = evaluate_segmenter(group, test, cleanup, seed, cfg, out["figures"])
-        candidates = validation_candidates([f for f in files if f.task == "classification"], cfg.champion_metric)
-        if cfg.ensemble.enabled and val is not None and len(members) > 1:
-            predictions[ensemble.NAME], by_seed, votes = evaluate_ensemble(members, val, test, cfg, seed)
+                predictions[name], details[name], oof_pred = evaluate_segmenter(group, test, cleanup, seed, cfg,
+                                                                                out["figures"], folds)
+            if oof_pred is not None:
+                oof[name] = oof_pred
+        if folds is None:
+            candidates = validation_candidates([f for f in files if f.task == "classification"], cfg.champion_metric)
+        if cfg.ensemble.enabled and reference.images is not None and len(members) > 1:
+            predictions[ensemble.NAME], by_seed, votes = evaluate_ensemble(members, reference.images, test, cfg, seed)
             details[ensemble.NAME] = {"seeds": by_seed}
             candidates[ensemble.NAME] = [(v.vote.validation_score, v) for v in votes]
             best_vote = max(votes, key=lambda v: v.vote.validation_score)
-            write_json(det / ensemble.FILE, best_vote.record(cfg.champion_metric))
+            write_json(det / ensemble.FILE, best_vote.record(f"{basis} {cfg.champion_metric}", served))
         for name, p in predictions.items():
             per_seed = per_seed_headline(p, cfg.ece_bins)
             mean, std = mean_std(per_seed)
             details[name].update({"headline_per_seed": per_seed, "mean": mean, "std": std})
             with atomic_path(pred_dir / f"{name}.csv") as tmp:
                 tmp.write_text(compare.to_csv(p))
-        champion = crown(choose_champion(candidates), cfg.champion_metric, paths.details / ensemble.FILE)
-        verdicts = champion_verdicts(predictions, champion, cfg)
-        headline = headline_metrics(predictions, champion, cfg)
+        for name, p in oof.items():
+            details[name]["out_of_fold"] = out_of_fold_details(p, cfg)
+            (pred_dir / compare.OUT_OF_FOLD_DIR).mkdir(exist_ok=True)
+            with atomic_path(pred_dir / compare.OUT_OF_FOLD_DIR / f"{name}.csv") as tmp:
+                tmp.write_text(compare.to_csv(p))
+        for mf in files:
+            if mf.folds:
+                (det / fold_record_name(mf)).parent.mkdir(exist_ok=True)
+                write_json(det / fold_record_name(mf), crossval.fold_record(mf))
+        champion = crown(choose_champion(candidates), cfg.champion_metric, paths.details / ensemble.FILE, served,
+                         basis)
+        verdicts = {"test": champion_verdicts(predictions, champion, cfg),
+                    "out_of_fold": champion_verdicts(oof, champion, cfg)}
+        headline = headline_metrics(predictions, champion, cfg, oof, folds)
         write_json(det / "details.json", details)
         write_json(det / "champion.json", champion)
         deep = sorted({(f.name, f.seed, f.task) for f in files if f.is_deep})
@@ -327,22 +415,33 @@ def run(params: dict, paths: EvaluatePaths) -> dict[str, Any]:
 
 def champion_verdicts(predictions: dict[str, compare.Predictions], champion: dict[str, Any],
                       cfg: EvaluateConfig) -> dict[str, str]:
-    """Each classifier's paired verdict against the champion (``within noise`` = statistically tied)."""
-    if not champion or cfg.bootstrap_resamples == 0:
+    """Each classifier's paired verdict against the champion (``within noise`` = statistically tied); none when
+    the champion has no such predictions (the ensemble has no out-of-fold ones)."""
+    if not champion or cfg.bootstrap_resamples == 0 or champion["model"] not in predictions:
         return {}
     classifiers = {n: p for n, p in predictions.items() if p.kind == compare.CLASSIFIER}
     return compare.ties_with(champion["model"], classifiers, cfg.champion_metric, cfg.bootstrap_resamples,
                              cfg.bootstrap_seed, cfg.confidence)
 
 
-def headline_metrics(predictions: dict[str, compare.Predictions], champion: dict[str, Any],
-                     cfg: EvaluateConfig) -> dict[str, Any]:
-    """What ``metrics/evaluate.json`` holds: seed-mean headline metrics per model, and the champion."""
-    headline: dict[str, Any] = {"classifiers": {}, "segmenters": {}}
+def by_kind(predictions: dict[str, compare.Predictions], cfg: EvaluateConfig) -> dict[str, Any]:
+    """{"classifiers": {model: seed-mean headline metrics}, "segmenters": {...}}."""
+    out: dict[str, Any] = {"classifiers": {}, "segmenters": {}}
     for name, p in predictions.items():
         key = "classifiers" if p.kind == compare.CLASSIFIER else "segmenters"
-        headline[key][name] = rounded(compare.point_estimates(p, ece_bins=cfg.ece_bins))
+        out[key][name] = rounded(compare.point_estimates(p, ece_bins=cfg.ece_bins))
+    return out
+
+
+def headline_metrics(predictions: dict[str, compare.Predictions], champion: dict[str, Any], cfg: EvaluateConfig,
+                     oof: dict[str, compare.Predictions] | None = None, folds: Folds | None = None) -> dict[str, Any]:
+    """What ``metrics/evaluate.json`` holds: seed-mean headline metrics per model (test split; with cross-validation
+    also out-of-fold on train + val), and the champion with the score that chose it."""
+    headline = by_kind(predictions, cfg)
+    if folds is not None:
+        headline["out_of_fold"] = {"folds": folds.k, "images": len(folds.pool), **by_kind(oof or {}, cfg)}
     if champion:
+        basis = "validation" if folds is None else "out_of_fold"
         headline["champion"] = {"model": champion["model"],
-                                f"validation_{cfg.champion_metric}": round(champion["validation_score"], 4)}
+                                f"{basis}_{cfg.champion_metric}": round(champion["validation_score"], 4)}
     return headline

@@ -65,6 +65,31 @@ def headline_tables(headline: dict[str, Any], details: dict[str, Any], verdicts:
     return lines
 
 
+def out_of_fold_tables(headline: dict[str, Any], details: dict[str, Any], verdicts: dict[str, str],
+                       champion: dict[str, Any], cfg: EvaluateConfig) -> list[str]:
+    """The out-of-fold section (cross-validation only): every train + val image scored by the fold model that
+    never saw it; the seed mean with its interval over those images, and each classifier's verdict."""
+    oof = headline.get("out_of_fold")
+    if not oof:
+        return []
+    lines = [f"## Out-of-fold ({oof['folds']} folds, {oof['images']} train + val images; seed mean with "
+             f"{cfg.confidence:.0%} BCa interval)", "",
+             "Each image is predicted by the model of the fold that held it out; the champion is chosen on these "
+             "scores. The test-split tables below score the average of the fold models.", ""]
+    for kind, metrics in (("classifiers", CLASSIFIER_METRICS), ("segmenters", SEGMENTER_METRICS)):
+        if not oof[kind]:
+            continue
+        rows = []
+        for name in oof[kind]:
+            result = details[name]["out_of_fold"]
+            verdict = "champion" if champion and name == champion["model"] else verdicts.get(name, "")
+            rows.append([f"`{name}`", str(result["images"]), *(fmt(result["seed_mean"], m) for m in metrics)]
+                        + ([verdict] if kind == "classifiers" else []))
+        header = ["model", "images", *metrics] + (["vs champion"] if kind == "classifiers" else [])
+        lines += table(header, rows) + [""]
+    return lines
+
+
 def detail_tables(details: dict[str, Any], class_names: Sequence[str]) -> list[str]:
     """Every metric with its interval, per class, calibration and TTA (first seed of each classifier)."""
     classifiers = {name: first_seed(d) for name, d in details.items() if "accuracy" in d["mean"]}
@@ -89,8 +114,9 @@ def detail_tables(details: dict[str, Any], class_names: Sequence[str]) -> list[s
     return lines
 
 
-def markdown_summary(headline: dict[str, Any], details: dict[str, Any], verdicts: dict[str, str],
+def markdown_summary(headline: dict[str, Any], details: dict[str, Any], verdicts: dict[str, dict[str, str]],
                      champion: dict[str, Any], test: ImageSet, cfg: EvaluateConfig) -> str:
+    """``verdicts``: {"test": {model: verdict vs champion}, "out_of_fold": {...}}."""
     counts = test.class_counts()
     lines = [
         "# Test-split evaluation", "",
@@ -102,6 +128,7 @@ def markdown_summary(headline: dict[str, Any], details: dict[str, Any], verdicts
     if champion:
         lines += [f"**Champion** (by {champion['selected_by']} = {champion['validation_score']:.4f}): "
                   f"`{champion['model']}` (`medpipe-promote` gives it the MLflow `champion` alias)", ""]
-    lines += headline_tables(headline, details, verdicts, champion)
+    lines += out_of_fold_tables(headline, details, verdicts.get("out_of_fold", {}), champion, cfg)
+    lines += headline_tables(headline, details, verdicts.get("test", {}), champion)
     lines += detail_tables(details, test.class_names)
     return "\n".join(lines) + "\n"

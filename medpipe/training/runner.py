@@ -64,6 +64,12 @@ class TrainPaths:
     normalization: Path    # data/processed/normalization.json
     out: Path              # models/<model>/seed<seed>/
     live: Path             # plots/train/<model>/seed<seed>/ (DVCLive)
+    fold: int | None = None   # the cross-validation fold the data comes from (data/folds/fold<f>/), if any
+
+    @property
+    def tracked_name(self) -> str:
+        """The model's name in MLflow: ``<model>`` for the hold-out model, ``<model>-fold<f>`` for a fold's."""
+        return self.model if self.fold is None else f"{self.model}-fold{self.fold}"
 
 
 @dataclass(frozen=True)
@@ -172,8 +178,9 @@ def train_and_write(stage: DeepStage, params: dict, spec: ModelSpec, cfg: TrainC
         return write_skipped(paths, reason)
     with atomic_dir(paths.out) as out:
         run_params = {"seed": paths.seed, "dataset": dataset, "model": paths.model, "threads": threads,
-                      "processes": world_size, "spec": spec.model_dump(), "train": cfg.model_dump()}
-        with start_run("train", dataset, paths.model, run_params, seed=paths.seed) as _, EpochLog(paths.live) as epochs:
+                      "processes": world_size, "spec": spec.model_dump(), "train": cfg.model_dump(),
+                      **({"fold": paths.fold} if paths.fold is not None else {})}
+        with start_run("train", dataset, paths.tracked_name, run_params, seed=paths.seed) as _, EpochLog(paths.live) as epochs:
             start = time.perf_counter()
             log.info("training %s (%s, seed %d) on %d images, validating on %d; %d threads x %d processes",
                      paths.model, spec.arch, paths.seed, len(splits[0]), len(splits[1]), threads, world_size)
@@ -181,7 +188,7 @@ def train_and_write(stage: DeepStage, params: dict, spec: ModelSpec, cfg: TrainC
             summary = {"status": "ok", **best_summary(result)}
             write_json(out / VALIDATION_FILE, summary)
             epochs.record_best(result.best_epoch, summary["validation"])
-            log_trained_model(out / MODEL_FILE, predictor, splits[1].images[:2], dataset, paths.model,
+            log_trained_model(out / MODEL_FILE, predictor, splits[1].images[:2], dataset, paths.tracked_name,
                               summary["validation"], timings={"train_seconds": result.train_seconds,
                                                               "images_per_second": result.images_per_second},
                               recorded_as=paths.out / MODEL_FILE, loader=stage.loader)

@@ -29,6 +29,7 @@ from medpipe.evaluation.scores import evaluate_with_ci, weighted_metrics
 from medpipe.evaluation.stage import EvaluatePaths, NoModelError, choose_champion, run, validation_candidates
 from medpipe.evaluation.tta import predict_proba_tta, tta_views
 from medpipe.predictors import ModelFile
+from tests.conftest import make_set
 
 CLASSES = ("benign", "malignant", "normal")
 
@@ -73,34 +74,6 @@ class TinyTorchClassifier:
 
     def gradcam_target_layers(self):
         return [self.model[0]]
-
-
-def make_set(n_per_class=(8, 6, 5), size: int = 12, seed: int = 0, masks: bool = False,
-             class_names=CLASSES) -> ImageSet:
-    """Images with a class-dependent bright corner; with ``masks``, a bright lesion square in every image
-    but those of the last class (BUSI's 'normal'), and its mask."""
-    rng = np.random.default_rng(seed)
-    images, labels, lesions = [], [], []
-    for label, n in enumerate(n_per_class):
-        for _ in range(n):
-            img = rng.integers(0, 120, size=(size, size, 3))
-            img[: size // 2, : size // 2] += 40 * label  # class-dependent bright corner
-            lesion = np.zeros((size, size), np.uint8)
-            if masks and label != len(n_per_class) - 1:
-                side = size // 3
-                top, left = rng.integers(size // 4, size - side, size=2)
-                lesion[top:top + side, left:left + side] = 1
-                img[lesion.astype(bool)] = 230
-            images.append(np.clip(img, 0, 255).astype(np.uint8))
-            labels.append(label)
-            lesions.append(lesion)
-    n = len(labels)
-    return ImageSet(
-        images=np.stack(images), labels=np.array(labels, dtype=np.int64), class_names=tuple(class_names),
-        source_ids=np.array([f"img{i}" for i in range(n)]), groups=np.full(n, ""),
-        content_hashes=np.array([f"h{i}" for i in range(n)]), phashes=np.zeros(n, dtype=np.uint64),
-        source_splits=np.full(n, ""), masks=np.stack(lesions) if masks else None,
-    )
 
 
 # -- metrics -----------------------------------------------------------------------------------------
@@ -302,7 +275,7 @@ def paths(root: Path) -> EvaluatePaths:
     return EvaluatePaths(models=root / "models", test=root / "test.npz", val=root / "val.npz",
                          metrics=root / "metrics/evaluate.json", summary=root / "metrics/summary.md",
                          details=root / "reports/evaluate", predictions=root / "reports/predictions",
-                         plots=root / "plots/evaluate", curves=root / "plots/train")
+                         plots=root / "plots/evaluate", curves=root / "plots/train", folds=root / "folds")
 
 
 def train_models(root: Path, p: dict) -> None:
