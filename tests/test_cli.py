@@ -40,3 +40,26 @@ def test_help_is_plain_and_explains_every_option(name):
 def test_version(name):
     result = run_script(name, "--version")
     assert result.returncode == 0 and result.stdout.strip() == f"{name} {medpipe.__version__}", result
+
+
+def test_a_stage_option_with_a_default_may_be_left_out_and_is_typed(monkeypatch):
+    """A paths field with a default (`fold: int | None = None`) is an optional, typed option; the others stay
+    required, so a hold-out stage's `cmd:` needs no `--fold` and a fold stage's `--fold 3` arrives as the int 3."""
+    import dataclasses
+
+    from medpipe import cli
+
+    @dataclasses.dataclass(frozen=True)
+    class Paths:
+        out: Path
+        fold: int | None = None
+
+    seen = []
+    monkeypatch.setattr(cli.config, "load_params", lambda path: {})
+    for argv, expected in ((["--out", "x"], None), (["--out", "x", "--fold", "3"], 3)):
+        monkeypatch.setattr(sys, "argv", ["stage", *argv])
+        cli.stage_main(lambda params, paths: seen.append(paths), Paths, "a stage")
+        assert seen[-1] == Paths(Path("x"), expected)
+    monkeypatch.setattr(sys, "argv", ["stage", "--fold", "3"])
+    with pytest.raises(SystemExit):   # --out is required
+        cli.stage_main(lambda params, paths: None, Paths, "a stage")

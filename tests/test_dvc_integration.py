@@ -159,6 +159,12 @@ def test_full_pipeline_is_reproducible_and_reruns_exactly_what_changed(project):
         (repo / champion["file"]).read_bytes()).hexdigest()
 
 
+def restore(repo, env) -> None:
+    """Back to the committed state: params.yaml and dvc.lock from git, the outputs from the cache."""
+    run(["git", "checkout", "--", "."], repo, env)
+    run(["dvc", "checkout", "--force"], repo, env)
+
+
 def test_cross_validation_trains_only_the_fold_stages_and_hold_out_stays_byte_identical(project):
     """`-S cv.folds=[0,1]` adds the folds and one training stage per model, seed and fold, and reruns evaluate;
     the hold-out models are not retrained; back at `cv.folds: []` evaluate writes the hold-out bytes again."""
@@ -172,31 +178,30 @@ def test_cross_validation_trains_only_the_fold_stages_and_hold_out_stays_byte_id
     seeds = yaml.safe_load((repo / "params.yaml").read_text())["seeds"]
     deep = [f"train_fold@{m}-{s}-{f}" for m in ("cnn_two_conv", "efficientnet_lite0") for s in seeds for f in (0, 1)]
     deep += [f"train_segmenter_fold@unet-{s}-{f}" for s in seeds for f in (0, 1)]
+    try:
+        out = run(["dvc", "exp", "run", "-n", "cv2", "-S", "cv.folds=[0,1]"], repo, env).stdout
+        assert ran(out) == {"folds", *deep, "train_classical_fold@0", "train_classical_fold@1", "evaluate"}, out
+        headline = json.loads((repo / "metrics/evaluate.json").read_text())
+        data = json.loads((repo / "metrics/data.json").read_text())
+        oof = headline["out_of_fold"]
+        assert oof["folds"] == 2 and oof["images"] == data["train"] + data["val"]
+        assert set(oof["classifiers"]) == {"cnn_two_conv", "efficientnet_lite0", "knn", "random_forest", "voting",
+                                           "ensemble"}   # the ensemble's: its cross-fitted vote
+        assert (repo / "reports/predictions/out_of_fold/unet.csv").is_file()
+        assert (repo / "models/cnn_two_conv/seed42-fold1/model.pt").is_file()
+        report = run(["medpipe-report", "--base", "HEAD", "--resamples", "50"], repo, env).stdout
+        assert "## Model verdicts: out-of-fold" in report and "Added: `cnn_two_conv`" in report
 
-    out = run(["dvc", "exp", "run", "-n", "cv2", "-S", "cv.folds=[0,1]"], repo, env).stdout
-    assert ran(out) == {"folds", *deep, "train_classical_fold@0", "train_classical_fold@1", "evaluate"}, out
-    headline = json.loads((repo / "metrics/evaluate.json").read_text())
-    data = json.loads((repo / "metrics/data.json").read_text())
-    assert headline["out_of_fold"]["folds"] == 2 and headline["out_of_fold"]["images"] == data["train"] + data["val"]
-    assert set(headline["out_of_fold"]["classifiers"]) == {"cnn_two_conv", "efficientnet_lite0", "knn",
-                                                           "random_forest", "voting"}
-    assert (repo / "reports/predictions/out_of_fold/unet.csv").is_file()
-    assert (repo / "models/cnn_two_conv/seed42-fold1/model.pt").is_file()
-    report = run(["medpipe-report", "--base", "HEAD", "--resamples", "50"], repo, env).stdout
-    assert "## Model verdicts: out-of-fold" in report and "Added: `cnn_two_conv`" in report
+        restore(repo, env)
+        out = run(["dvc", "exp", "run", "-S", "cv.folds=[]"], repo, env).stdout
+        assert ran(out) <= {"folds", "evaluate"}, out
+        assert {p: (repo / p).read_bytes() for p in hold_out} == hold_out
 
-    run(["git", "checkout", "--", "."], repo, env)
-    run(["dvc", "checkout", "--force"], repo, env)
-    out = run(["dvc", "exp", "run", "-S", "cv.folds=[]"], repo, env).stdout
-    assert ran(out) <= {"folds", "evaluate"}, out
-    assert {p: (repo / p).read_bytes() for p in hold_out} == hold_out
-
-    run(["git", "checkout", "--", "."], repo, env)
-    run(["dvc", "checkout", "--force"], repo, env)
-    out = run(["dvc", "exp", "run", "-S", "cv.folds=[0,1]"], repo, env).stdout   # the run-cache keeps each fold
-    assert ran(out) == {"evaluate"}, out
-    run(["git", "checkout", "--", "."], repo, env)
-    run(["dvc", "checkout", "--force"], repo, env)
+        restore(repo, env)
+        out = run(["dvc", "exp", "run", "-S", "cv.folds=[0,1]"], repo, env).stdout   # the run-cache keeps each fold
+        assert ran(out) == {"evaluate"}, out
+    finally:   # the tests that follow start from the committed hold-out state
+        restore(repo, env)
 
 
 @pytest.mark.slow

@@ -40,7 +40,7 @@ FILE = "ensemble.json"       # its members and weights, under reports/evaluate/ 
 _EPS = 1e-12
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SoftVote:
     """The members' weights (summing to 1), the vote's temperature and its validation scores."""
 
@@ -48,6 +48,7 @@ class SoftVote:
     temperature: float             # the weighted mean is scaled by it (1 = as it is)
     validation_score: float        # cross-fitted: what the champion choice reads
     validation_in_sample: float    # with the final weights, on the images that chose them (optimistic)
+    cross_fitted: np.ndarray       # (N, C) the cross-fitted probabilities that validation_score scores
 
     def predict(self, proba: Mapping[str, np.ndarray]) -> np.ndarray:
         return apply_temperature(combine(proba, self.weights), self.temperature)
@@ -88,18 +89,19 @@ def select(proba: Mapping[str, np.ndarray], labels: np.ndarray, metric: str, rou
     return {name: counts.get(name, 0) / best_size for name in names}
 
 
-def cross_fitted_score(proba: Mapping[str, np.ndarray], labels: np.ndarray, metric: str, rounds: int,
-                       folds: int, seed: int) -> float:
-    """The vote's validation ``metric`` with every image scored by weights chosen without it."""
+def cross_fitted_proba(proba: Mapping[str, np.ndarray], labels: np.ndarray, metric: str, rounds: int,
+                       folds: int, seed: int) -> np.ndarray:
+    """The vote's (N, C) probabilities with every image voted by weights chosen without it (plain, no temperature;
+    in-sample only where a class has a single image and no image can be held out)."""
     counts = np.bincount(labels)
     k = min(folds, int(counts[counts > 0].min()))
-    if k < 2:   # a class with one validation image: no held-out estimate is possible
-        return score(labels, combine(proba, select(proba, labels, metric, rounds)), metric)
+    if k < 2:
+        return combine(proba, select(proba, labels, metric, rounds))
     held_out = np.zeros_like(np.asarray(next(iter(proba.values())), dtype=np.float64))
     for fit_idx, out_idx in StratifiedKFold(k, shuffle=True, random_state=seed).split(labels, labels):
         weights = select({n: p[fit_idx] for n, p in proba.items()}, labels[fit_idx], metric, rounds)
         held_out[out_idx] = combine({n: p[out_idx] for n, p in proba.items()}, weights)
-    return score(labels, held_out, metric)
+    return held_out
 
 
 def soft_vote(proba: Mapping[str, np.ndarray], labels: np.ndarray, metric: str, rounds: int, folds: int,
@@ -109,9 +111,11 @@ def soft_vote(proba: Mapping[str, np.ndarray], labels: np.ndarray, metric: str, 
     proba = {name: np.asarray(p, dtype=np.float64) for name, p in proba.items()}
     weights = {n: round(w, 6) for n, w in select(proba, labels, metric, rounds).items()}
     voted = combine(proba, weights)
+    held_out = cross_fitted_proba(proba, labels, metric, rounds, folds, seed)
     return SoftVote(
         weights=weights,
         temperature=round(fit_temperature(voted, labels), 6) if calibrate else 1.0,
-        validation_score=cross_fitted_score(proba, labels, metric, rounds, folds, seed),
+        validation_score=score(labels, held_out, metric),
         validation_in_sample=score(labels, voted, metric),
+        cross_fitted=held_out,
     )

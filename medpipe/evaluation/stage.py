@@ -11,6 +11,11 @@ Outputs (paths from ``dvc.yaml``):
   weights, a model file for ``medpipe-predict``), figures and Grad-CAM PNGs;
 - ``metrics/summary.md``: the tables for people, with each model's verdict against the champion;
 - ``plots/evaluate/{confusion,roc,pr,calibration}/<model>.csv``: DVC plot data (first seed).
+
+With cross-validation (``cv.folds``; :mod:`medpipe.evaluation.crossval`) each deep and classical model is the
+average of its fold models on the test split, every train + val image is also predicted out-of-fold
+(``reports/predictions/out_of_fold/<model>.csv``, an ``out_of_fold`` headline and summary table), temperature
+scaling and the ensemble are fitted on those predictions, and the champion is chosen on them.
 """
 
 from __future__ import annotations
@@ -379,6 +384,9 @@ def run(params: dict, paths: EvaluatePaths) -> dict[str, Any]:
             predictions[ensemble.NAME], by_seed, votes = evaluate_ensemble(members, reference.images, test, cfg, seed)
             details[ensemble.NAME] = {"seeds": by_seed}
             candidates[ensemble.NAME] = [(v.vote.validation_score, v) for v in votes]
+            if folds is not None:   # the cross-fitted vote: each image voted by weights chosen without it
+                oof[ensemble.NAME] = crossval.classifier_predictions(folds.pool, [v.seed for v in votes],
+                                                                     [v.vote.cross_fitted for v in votes])
             best_vote = max(votes, key=lambda v: v.vote.validation_score)
             write_json(det / ensemble.FILE, best_vote.record(f"{basis} {cfg.champion_metric}", served))
         for name, p in predictions.items():

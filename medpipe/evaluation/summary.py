@@ -90,7 +90,8 @@ def out_of_fold_tables(headline: dict[str, Any], details: dict[str, Any], verdic
     return lines
 
 
-def detail_tables(details: dict[str, Any], class_names: Sequence[str]) -> list[str]:
+def detail_tables(details: dict[str, Any], class_names: Sequence[str],
+                  fitted_on: str = "the validation split") -> list[str]:
     """Every metric with its interval, per class, calibration and TTA (first seed of each classifier)."""
     classifiers = {name: first_seed(d) for name, d in details.items() if "accuracy" in d["mean"]}
     if not classifiers:
@@ -107,7 +108,7 @@ def detail_tables(details: dict[str, Any], class_names: Sequence[str]) -> list[s
                             for name, r in classifiers.items()])
     calibrated = {name: r for name, r in classifiers.items() if r.get("temperature") is not None}
     if calibrated:
-        lines += ["", "## Calibration: temperature scaling fitted on the validation split", ""]
+        lines += ["", f"## Calibration: temperature scaling fitted on {fitted_on}", ""]
         lines += table(["model", "temperature", "ECE before", "ECE after", "log loss before", "log loss after"],
                        [[f"`{name}`", f"{r['temperature']:.3f}", fmt(r, "ece"), fmt(r, "ece_ts"), fmt(r, "log_loss"),
                          fmt(r, "log_loss_ts")] for name, r in calibrated.items()])
@@ -130,5 +131,6 @@ def markdown_summary(headline: dict[str, Any], details: dict[str, Any], verdicts
                   f"`{champion['model']}` (`medpipe-promote` gives it the MLflow `champion` alias)", ""]
     lines += out_of_fold_tables(headline, details, verdicts.get("out_of_fold", {}), champion, cfg)
     lines += headline_tables(headline, details, verdicts.get("test", {}), champion)
-    lines += detail_tables(details, test.class_names)
+    fitted_on = "the out-of-fold predictions" if headline.get("out_of_fold") else "the validation split"
+    lines += detail_tables(details, test.class_names, fitted_on)
     return "\n".join(lines) + "\n"

@@ -73,7 +73,7 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 def test_every_train_and_val_image_is_predicted_once_by_the_model_that_never_saw_it(cross_validated):
     root, _ = cross_validated
     pool = {str(s) for split in ("train", "val") for s in ImageSet.load(root / f"{split}.npz").source_ids}
-    for name in ("cnn_a", "knn", "random_forest"):
+    for name in ("cnn_a", "knn", "random_forest", "ensemble"):
         rows = read_csv(root / f"reports/predictions/out_of_fold/{name}.csv")
         assert Counter(r["source"] for r in rows) == Counter({s: 1 for s in pool}), name
     rows = {r["source"]: r for r in read_csv(root / "reports/predictions/out_of_fold/cnn_a.csv")}
@@ -104,7 +104,12 @@ def test_out_of_fold_headline_intervals_and_summary(cross_validated):
     root, headline = cross_validated
     oof = headline["out_of_fold"]
     assert oof["folds"] == 3 and oof["images"] == 53
-    assert set(oof["classifiers"]) == {"cnn_a", "knn", "random_forest"} and set(oof["segmenters"]) == {"unet"}
+    assert set(oof["classifiers"]) == {"cnn_a", "knn", "random_forest", "ensemble"}
+    assert set(oof["segmenters"]) == {"unet"}
+    # the ensemble's out-of-fold predictions are its cross-fitted vote, the score it competes for champion with
+    vote = json.loads((root / "reports/evaluate/ensemble.json").read_text())
+    assert oof["classifiers"]["ensemble"]["balanced_accuracy"] == pytest.approx(vote["validation_cross_fitted"],
+                                                                                abs=1e-4)
     predictions = compare.load_predictions(root / "reports/predictions/out_of_fold/knn.csv")
     assert oof["classifiers"]["knn"]["balanced_accuracy"] == pytest.approx(
         compare.point_estimates(predictions)["balanced_accuracy"], abs=1e-4)
@@ -114,6 +119,7 @@ def test_out_of_fold_headline_intervals_and_summary(cross_validated):
     summary = (root / "metrics/summary.md").read_text()
     assert "## Out-of-fold (3 folds, 53 train + val images" in summary
     assert summary.index("## Out-of-fold") < summary.index("## Classifiers (test split")
+    assert "## Calibration: temperature scaling fitted on the out-of-fold predictions" in summary
 
 
 def test_the_champion_is_chosen_out_of_fold_and_its_file_serves_the_fold_average(cross_validated):
