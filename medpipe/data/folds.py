@@ -34,7 +34,7 @@ from medpipe.data.splitting import assign_groups, group_images, normalization_st
 from medpipe.io import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
-FOLDS_FILE = "folds.json"
+FOLDS_RECORD = "folds.json"   # how many folds were written, their sizes (read by evaluate: crossval.FOLDS_RECORD)
 FOLD_SETS = ("train", "train_augmented", "val", "heldout")
 
 
@@ -106,7 +106,7 @@ def run(params: dict, paths: FoldsPaths) -> dict:
     seed = config.global_seed(params)
     if not cv.k:   # hold-out only: a record no other setting changes, so evaluate (which reads it) never reruns for it
         with atomic_dir(paths.out) as out:
-            write_json(out / FOLDS_FILE, {"folds": 0})
+            write_json(out / FOLDS_RECORD, {"folds": 0})
         return {}
     pool = concatenate([ImageSet.load(paths.train), ImageSet.load(paths.val)])
     fold_of = assign_folds(pool, cv.k, split.seed, split.near_duplicate_distance)
@@ -122,5 +122,5 @@ def run(params: dict, paths: FoldsPaths) -> dict:
             write_json(folder / "normalization.json", normalization_stats(sets["train"].images, split.normalization))
             sizes[fold] = {name: {"total": len(sets[name]), **sets[name].class_counts()} for name in FOLD_SETS}
             log.info("fold %d: %s", fold, {name: len(s) for name, s in sets.items()})
-        write_json(out / FOLDS_FILE, folds_record(pool, fold_of, cv, sizes))
+        write_json(out / FOLDS_RECORD, folds_record(pool, fold_of, cv, sizes))
     return sizes

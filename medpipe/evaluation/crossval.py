@@ -20,11 +20,10 @@ from medpipe.config import CVConfig, ParamsError
 from medpipe.data.imageset import ImageSet, concatenate, fold_file
 from medpipe.evaluation import compare
 from medpipe.io import read_json
-from medpipe.predictors import FoldAverage, ModelFile
+from medpipe.predictors import FoldAverage, ModelFile, ModelLoadError
 from medpipe.segmentation.metrics import per_image_scores
 
-FOLDS_FILE = "folds.json"    # the folds stage's record: how many folds it wrote
-
+FOLDS_RECORD = "folds.json"   # the folds stage's record (medpipe.data.folds, which evaluate does not import)
 
 @dataclass(frozen=True)
 class Folds:
@@ -44,7 +43,7 @@ class Folds:
 
 def load_folds(folds_dir: Path, cv: CVConfig) -> Folds:
     """The ``folds`` stage's held-out sets; an error naming ``cv.folds`` if they were written for another k."""
-    record = Path(folds_dir) / FOLDS_FILE
+    record = Path(folds_dir) / FOLDS_RECORD
     written = read_json(record).get("folds") if record.is_file() else None
     if written != cv.k:
         raise ParamsError(f"{folds_dir} holds {written} folds but cv.folds asks for {cv.k}: run the folds stage "
@@ -54,7 +53,7 @@ def load_folds(folds_dir: Path, cv: CVConfig) -> Folds:
 
 def members(model: Any, mf: ModelFile, folds: Folds) -> tuple[Any, ...]:
     if not isinstance(model, FoldAverage) or len(model.members) != folds.k:
-        raise ParamsError(f"{mf.path}: {mf.name} has no model for each of the {folds.k} folds (cv.folds): "
+        raise ModelLoadError(f"{mf.path}: {mf.name} has no model for each of the {folds.k} folds (cv.folds): "
                           "run the fold training stages (dvc repro)")
     return model.members
 
