@@ -36,7 +36,6 @@ from medpipe.errors import UserError
 from medpipe.evaluation import ensemble
 from medpipe.io import read_json
 from medpipe.predictors import classical_models, deep_models, load_model
-from medpipe.tracking.runs import tracking_uri
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
@@ -179,10 +178,9 @@ def run(argv: Sequence[str] | None = None, out=None) -> np.ndarray | None:
         out.write("\n")
         return None
     if args.model_uri:
-        import mlflow
+        from medpipe.tracking.models import load_logged_model   # MLflow and torch only for an MLflow model
 
-        mlflow.set_tracking_uri(tracking_uri())
-        pyfunc = mlflow.pyfunc.load_model(args.model_uri)
+        pyfunc = load_logged_model(args.model_uri)
         proba = np.asarray(pyfunc.predict(np.stack([prep.load(p) for p in files])), dtype=np.float64)
         class_names = tuple(spec.class_names)
     else:

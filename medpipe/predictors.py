@@ -37,6 +37,7 @@ from medpipe.training.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
 VALIDATION_FILE = "validation.json"
+PIXEL_CLASSIFIER = "pixel_classifier"
 
 
 class ModelLoadError(UserError, ValueError):
@@ -75,6 +76,12 @@ def _why_missing(path: Path) -> str:
     return read_json(record).get("status") if record.is_file() else "not trained (run dvc repro)"
 
 
+def _deep_paths(models_dir: Path, name: str, seed: int, folds: list[int]) -> list[Path]:
+    """``models/<name>/seed<k>/model.pt``, or with folds each fold's ``models/<name>/seed<k>-fold<f>/model.pt``."""
+    folder = Path(models_dir) / name
+    return [folder / f"seed{seed}-fold{f}" / "model.pt" for f in folds] or [folder / f"seed{seed}" / "model.pt"]
+
+
 def deep_models(models_dir: Path, names: list[str], seeds: list[int], task: str,
                 folds: list[int] = ()) -> list[ModelFile]:
     """``models/<name>/seed<k>/model.pt`` of every selected deep model and seed; skipped ones are noted.
@@ -85,8 +92,7 @@ def deep_models(models_dir: Path, names: list[str], seeds: list[int], task: str,
     found = []
     for name in names:
         for seed in seeds:
-            folder = Path(models_dir) / name
-            paths = [folder / f"seed{seed}-fold{f}" / "model.pt" for f in folds] or [folder / f"seed{seed}" / "model.pt"]
+            paths = _deep_paths(models_dir, name, seed, folds)
             missing = [p for p in paths if not p.is_file()]
             if missing:
                 where = f" ({missing[0].parent.name})" if folds else ""
@@ -94,6 +100,22 @@ def deep_models(models_dir: Path, names: list[str], seeds: list[int], task: str,
             else:
                 found.append(ModelFile(name, seed, paths[0], task, tuple(paths) if folds else ()))
     return found
+
+
+def not_trained(models_dir: Path, names: list[str], seeds: list[int], folds: list[int] = ()) -> dict[str, str]:
+    """{model: why it has no model file} for each selected deep model (``<model> seed <k>`` when other seeds have
+    one) and the pixel classifier; the reason is the one the training stage recorded (a segmenter on a dataset
+    without masks), else that it was not trained (the first missing fold's, with cross-validation)."""
+    reasons = {}
+    for name in names:
+        missing = {seed: m[0] for seed in seeds if (m := [p for p in _deep_paths(models_dir, name, seed, folds)
+                                                          if not p.is_file()])}
+        for seed, path in missing.items():
+            reasons[name if len(missing) == len(seeds) else f"{name} seed {seed}"] = _why_missing(path)
+    pixel = Path(models_dir) / PIXEL_CLASSIFIER / "model.joblib"
+    if pixel.parent.is_dir() and not pixel.is_file():
+        reasons[PIXEL_CLASSIFIER] = _why_missing(pixel)
+    return reasons
 
 
 def classical_models(models_dir: Path, folds: list[int] = ()) -> list[ModelFile]:
@@ -108,8 +130,8 @@ def classical_models(models_dir: Path, folds: list[int] = ()) -> list[ModelFile]
 
 
 def pixel_classifier(models_dir: Path) -> list[ModelFile]:
-    path = Path(models_dir) / "pixel_classifier" / "model.joblib"
-    return [ModelFile("pixel_classifier", None, path, "segmentation")] if path.is_file() else []
+    path = Path(models_dir) / PIXEL_CLASSIFIER / "model.joblib"
+    return [ModelFile(PIXEL_CLASSIFIER, None, path, "segmentation")] if path.is_file() else []
 
 
 def apply_temperature(proba: np.ndarray, temperature: float) -> np.ndarray:

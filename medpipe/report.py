@@ -31,6 +31,7 @@ from medpipe import cli, config
 from medpipe.errors import UserError
 from medpipe.evaluation.compare import (
     CLASSIFIER_METRICS,
+    NOT_TRAINED_FILE,
     OUT_OF_FOLD_DIR,
     SEGMENTER_METRICS,
     WITHIN_NOISE,
@@ -42,6 +43,8 @@ from medpipe.evaluation.compare import (
     same_test_split,
     shared_test_images,
 )
+from medpipe.evaluation.summary import not_trained_lines
+from medpipe.io import read_json
 
 PREDICTIONS_DIR = Path("reports/predictions")
 GUARD_FAILED = 3  # the exit status of `medpipe-report --guard` when a guarded verdict is `worse`
@@ -293,6 +296,8 @@ def verdict_section(
         lines += ["", f"Unchanged (the same prediction for every {scope.image} and seed): "
                   + ", ".join(f"`{m}`" for m in unchanged) + "."]
     lines += [*_added_removed(head_models, base_models), ""]
+    untrained = predictions_dir / NOT_TRAINED_FILE
+    lines += not_trained_lines(read_json(untrained)) if untrained.is_file() else []
     return lines, results
 
 

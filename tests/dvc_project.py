@@ -78,6 +78,13 @@ def commit(repo: Path, env: dict, message: str) -> None:
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message], repo, env)
 
 
+def restore(repo: Path, env: dict, check: bool = True) -> None:
+    """Back to the committed state: params.yaml and dvc.lock from git, the outputs from the cache (``check=False``:
+    outputs the cache lacks, such as the committed lock's when nothing ran it here, stay as they are)."""
+    run(["git", "checkout", "--", "."], repo, env)
+    run(["dvc", "checkout", "--force"], repo, env, check=check)
+
+
 def numbers_in(value) -> int:
     if isinstance(value, dict):
         return sum(numbers_in(v) for v in value.values())

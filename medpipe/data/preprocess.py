@@ -189,14 +189,14 @@ def _map_items(items: list[Item], archive: Path, crop: str, size: int, with_mask
         pil_limit = nullcontext() if max_pixels is None else imaging.pil_pixel_limit(max_pixels)
         with pil_limit:
             _init_worker(*args)
-            yield from tqdm(map(_process_item, items), total=len(items), desc=desc, unit="img")
+            yield from tqdm(map(_process_item, items), total=len(items), desc=desc, unit="img", disable=None)
         return
     # spawn, not fork: forking a process that already runs threads (OpenCV and tqdm start some) can copy a
     # held lock into the child; a forked pool hung that way once here after an in-process read
     context = multiprocessing.get_context("spawn")
     with context.Pool(workers, initializer=_init_worker, initargs=(*args, True)) as pool:
         chunk = max(1, min(32, len(items) // (workers * 8) or 1))
-        yield from tqdm(pool.imap(_process_item, items, chunksize=chunk), total=len(items), desc=desc, unit="img")
+        yield from tqdm(pool.imap(_process_item, items, chunksize=chunk), total=len(items), desc=desc, unit="img", disable=None)
 
 
 def _collect(spec: DatasetSpec, class_names: tuple[str, ...], items: Iterable[Item],
@@ -253,7 +253,7 @@ def read_medmnist_npz(spec: DatasetSpec, archive: Path, crop: str, size: int) ->
             if images.ndim == 3:
                 images = np.repeat(images[..., None], 3, axis=3)
             for i, (image, label) in enumerate(
-                tqdm(zip(images, labels, strict=True), total=len(images), desc=f"preprocess {spec.name} {split}")
+                tqdm(zip(images, labels, strict=True), total=len(images), desc=f"preprocess {spec.name} {split}", disable=None)
             ):
                 member = f"{split}/{i:06d}"
                 if int(label) not in index_to_label:

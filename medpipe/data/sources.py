@@ -128,7 +128,7 @@ def download_resumable(url: str, part: Path, timeout: float, desc: str) -> None:
                 offset = 0
             total = response.length + offset if response.length is not None else None
             with open(part, "ab" if offset else "wb") as out, tqdm(
-                total=total, initial=offset, unit="B", unit_scale=True, desc=desc
+                total=total, initial=offset, unit="B", unit_scale=True, desc=desc, disable=None
             ) as bar:
                 for block in iter(lambda: response.read(CHUNK), b""):
                     out.write(block)
@@ -188,7 +188,8 @@ class SourceFiles:
         return entry.size
 
     def _file_by_file(self, missing: list[ManifestEntry]) -> None:
-        with tqdm(total=sum(e.size for e in missing), unit="B", unit_scale=True, desc=self.source.repo) as bar:
+        with tqdm(total=sum(e.size for e in missing), unit="B", unit_scale=True, desc=self.source.repo,
+                  disable=None) as bar:
             bar.update(self._fetch_one(missing[0]))  # one request first: an unreachable host fails once, quickly
             with ThreadPoolExecutor(PARALLEL_REQUESTS) as pool:
                 for size in pool.map(self._fetch_one, missing[1:]):
@@ -202,7 +203,7 @@ class SourceFiles:
         try:
             with zipfile.ZipFile(part) as archive:
                 names = set(archive.namelist())
-                for entry in tqdm(missing, desc=f"verify {self.source.repo}", unit="file"):
+                for entry in tqdm(missing, desc=f"verify {self.source.repo}", unit="file", disable=None):
                     member = prefix + entry.path
                     if member not in names:
                         raise SourceError(f"{url}: the archive has no member {member!r} (named in the manifest)")
@@ -228,7 +229,7 @@ def build_zip(files: SourceFiles, out: Path, name: str, convert: Callable[[bytes
               extra: dict[str, Path]) -> None:
     """A zip of the manifest's members (stored, like the released archives), plus ``extra`` project files."""
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as archive:
-        for entry in tqdm(files.entries, desc=f"build {name}", unit="file"):
+        for entry in tqdm(files.entries, desc=f"build {name}", unit="file", disable=None):
             data = files.read(entry)
             if convert is not None:
                 data = convert(data)
@@ -282,7 +283,7 @@ def build_npz(files: SourceFiles, out: Path, name: str, recipe: MedmnistRecipe) 
 
     def labelled() -> Iterable[tuple[int, bytes]]:
         ordered = sorted(files.entries, key=lambda e: (class_index[PurePosixPath(e.path).parent.name], e.path))
-        for entry in tqdm(ordered, desc=f"build {name}", unit="file"):
+        for entry in tqdm(ordered, desc=f"build {name}", unit="file", disable=None):
             yield class_index[PurePosixPath(entry.path).parent.name], files.read(entry)
 
     unknown = {PurePosixPath(e.path).parent.name for e in files.entries} - set(class_index)

@@ -43,6 +43,7 @@ from medpipe.errors import UserError
 from medpipe.evaluation.scores import LOWER_IS_BETTER, bca_interval, jackknife, weighted_metrics
 
 OUT_OF_FOLD_DIR = "out_of_fold"   # reports/predictions/out_of_fold/<model>.csv: cross-validation's predictions
+NOT_TRAINED_FILE = "not_trained.json"   # reports/predictions/not_trained.json: {model: why it has no predictions}
 CLASSIFIER = "classifier"
 SEGMENTER = "segmenter"
 CLASSIFIER_METRICS = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc", "ece")

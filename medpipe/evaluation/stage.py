@@ -43,7 +43,7 @@ from medpipe.evaluation.scores import evaluate_with_ci
 from medpipe.evaluation.summary import markdown_summary
 from medpipe.evaluation.tta import predict_proba_tta
 from medpipe.io import atomic_dir, atomic_path, write_json
-from medpipe.predictors import ModelFile, classical_models, deep_models, pixel_classifier
+from medpipe.predictors import ModelFile, classical_models, deep_models, not_trained, pixel_classifier
 from medpipe.segmentation.config import SegmentConfig
 from medpipe.segmentation.metrics import per_image_scores
 from medpipe.segmentation.postprocess import to_masks
@@ -344,6 +344,8 @@ def run(params: dict, paths: EvaluatePaths) -> dict[str, Any]:
     seed = config.global_seed(params)
     config.seed_everything(seed)
     files = selected_models(params, paths.models, cv.folds)
+    untrained = not_trained(paths.models, [*(params.get("classifiers") or []), *(params.get("segmenters") or [])],
+                            config.training_seeds(params), cv.folds)
     test = ImageSet.load(paths.test)
     folds = crossval.load_folds(paths.folds, cv) if cv.k else None
     if folds is not None:
@@ -400,6 +402,8 @@ def run(params: dict, paths: EvaluatePaths) -> dict[str, Any]:
             (pred_dir / compare.OUT_OF_FOLD_DIR).mkdir(exist_ok=True)
             with atomic_path(pred_dir / compare.OUT_OF_FOLD_DIR / f"{name}.csv") as tmp:
                 tmp.write_text(compare.to_csv(p))
+        if untrained:
+            write_json(pred_dir / compare.NOT_TRAINED_FILE, untrained)
         for mf in files:
             if mf.folds:
                 (det / fold_record_name(mf)).parent.mkdir(exist_ok=True)
@@ -417,7 +421,7 @@ def run(params: dict, paths: EvaluatePaths) -> dict[str, Any]:
                                             [n for n, _, t in deep if t == "segmentation"]), plot_dir / "curves")
     write_json(paths.metrics, headline)
     with atomic_path(paths.summary) as tmp:
-        tmp.write_text(markdown_summary(headline, details, verdicts, champion, test, cfg))
+        tmp.write_text(markdown_summary(headline, details, verdicts, champion, test, cfg, untrained))
     return headline
 
 

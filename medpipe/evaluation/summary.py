@@ -115,9 +115,19 @@ def detail_tables(details: dict[str, Any], class_names: Sequence[str],
     return lines
 
 
+def not_trained_lines(untrained: dict[str, str]) -> list[str]:
+    """One line per selected model that has no predictions, with the reason its training stage recorded."""
+    if not untrained:
+        return []
+    return ["**Not trained:** " + "; ".join(f"`{name}` ({reason})" for name, reason in sorted(untrained.items())) + ".",
+            ""]
+
+
 def markdown_summary(headline: dict[str, Any], details: dict[str, Any], verdicts: dict[str, dict[str, str]],
-                     champion: dict[str, Any], test: ImageSet, cfg: EvaluateConfig) -> str:
-    """``verdicts``: {"test": {model: verdict vs champion}, "out_of_fold": {...}}."""
+                     champion: dict[str, Any], test: ImageSet, cfg: EvaluateConfig,
+                     untrained: dict[str, str] | None = None) -> str:
+    """``verdicts``: {"test": {model: verdict vs champion}, "out_of_fold": {...}}; ``untrained``: {model: why it
+    was not trained} for the selected models without predictions."""
     counts = test.class_counts()
     lines = [
         "# Test-split evaluation", "",
@@ -129,6 +139,7 @@ def markdown_summary(headline: dict[str, Any], details: dict[str, Any], verdicts
     if champion:
         lines += [f"**Champion** (by {champion['selected_by']} = {champion['validation_score']:.4f}): "
                   f"`{champion['model']}` (`medpipe-promote` gives it the MLflow `champion` alias)", ""]
+    lines += not_trained_lines(untrained or {})
     lines += out_of_fold_tables(headline, details, verdicts.get("out_of_fold", {}), champion, cfg)
     lines += headline_tables(headline, details, verdicts.get("test", {}), champion)
     fitted_on = "the out-of-fold predictions" if headline.get("out_of_fold") else "the validation split"

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +47,6 @@ def file_md5(path: Path) -> str:
     return digest.hexdigest()
 
 
-# ImagePyfunc.predict is untyped on purpose (MLflow would read type hints as a schema): not a problem to warn of
-warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method", category=UserWarning)
-
-
 class ImagePyfunc(mlflow.pyfunc.PythonModel):
     """Any medpipe predictor saved as a file: ``predict`` takes uint8 images and returns ``predict_proba``.
 
@@ -64,8 +59,17 @@ class ImagePyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
         self.predictor = importlib.import_module(self.loader).load(Path(context.artifacts["model"]))
 
-    def predict(self, context, model_input, params=None):  # untyped: MLflow reads type hints as a schema
+    # np.ndarray is a hint MLflow infers no schema from: the input is not validated against one (the model's
+    # signature comes from the logged input example), and MLflow does not warn that `predict` has no type hints
+    def predict(self, context: Any, model_input: np.ndarray, params: dict | None = None) -> np.ndarray:
         return self.predictor.predict_proba(np.asarray(model_input).astype(np.uint8, copy=False))
+
+
+def load_logged_model(model_uri: str) -> Any:
+    """A model logged to MLflow (``models:/<name>@<alias>``, ``runs:/<id>/model``, ...) as an MLflow pyfunc: its
+    ``predict`` takes uint8 images and returns class probabilities."""
+    mlflow.set_tracking_uri(tracking_uri())
+    return mlflow.pyfunc.load_model(model_uri)
 
 
 def slim_checkpoint(checkpoint: Path, folder: Path) -> Path:

@@ -52,6 +52,7 @@ from medpipe.training.loop import FitResult
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.pt"
 VALIDATION_FILE = "validation.json"
+SKIPPED_CURVE = "skipped.tsv"   # the curves of a model that was not trained: a header, no epoch
 Splits = tuple[ImageSet, ImageSet, dict]   # training and validation sets, the split stage's normalisation
 
 
@@ -156,12 +157,16 @@ def train_worker(stage: DeepStage, spec: ModelSpec, cfg: TrainConfig, paths: Tra
 
 
 def write_skipped(paths: TrainPaths, reason: str) -> dict[str, Any]:
-    """A model that cannot train here: ``validation.json`` says why, and the curves folder is empty (both are
-    outputs of the stage in ``dvc.yaml``, which fails on a declared output that does not exist)."""
-    log.warning("%s: %s", paths.model, reason)
+    """A model that cannot train here (a segmenter on a dataset without masks): every output ``dvc.yaml``
+    promises is still written, so ``dvc repro`` goes on to ``evaluate``: ``validation.json`` and DVCLive's
+    ``metrics.json`` say why, and the curves folder holds one header-only table (git keeps no empty folder, and
+    DVC would rerun the stage in a clone that lacks it)."""
+    log.warning("%s seed %d: %s", paths.model, paths.seed, reason)
     summary = {"status": reason}
-    with atomic_dir(paths.live):
-        pass
+    with atomic_dir(paths.live) as live:
+        write_json(live / "metrics.json", summary)
+        (live / "plots" / "metrics").mkdir(parents=True)
+        (live / "plots" / "metrics" / SKIPPED_CURVE).write_text("step\tskipped\n")
     with atomic_dir(paths.out) as out:
         write_json(out / VALIDATION_FILE, summary)
     return summary

@@ -617,6 +617,11 @@ def test_selected_models_only_and_a_missing_seed_is_skipped_with_a_reason(worksp
     assert headline["segmenters"] == {}
     rows = read_csv(workspace / "reports/predictions/cnn_a.csv")
     assert {r["seed"] for r in rows} == {"1"}
+    # a selected model without a file is named, with its reason, in the summary and beside the predictions
+    untrained = {"cnn_a seed 2": "skipped: test reason", "never_trained": "not trained (run dvc repro)"}
+    assert json.loads((workspace / "reports/predictions/not_trained.json").read_text()) == untrained
+    assert ("**Not trained:** `cnn_a seed 2` (skipped: test reason); `never_trained` (not trained (run dvc repro))."
+            in (workspace / "metrics/summary.md").read_text().splitlines())
 
 
 def test_no_model_at_all_fails(workspace):

@@ -344,7 +344,12 @@ def test_both_stages_skip_with_a_reason_on_a_dataset_without_masks(tmp_path, mas
         written = json.loads((paths.out / "validation.json").read_text())
         assert written == result and written["status"].startswith("skipped") and reason in written["status"]
         assert not (paths.out / model_file).exists()
-    assert list(_unet_paths(root).live.iterdir()) == []   # dvc.yaml declares the curves folder: it must exist
+    # every output dvc.yaml declares exists: DVCLive's metrics.json says why, the curves folder holds a table git keeps
+    live = _unet_paths(root).live
+    assert json.loads((live / "metrics.json").read_text())["status"] == written["status"]
+    assert sorted(str(p.relative_to(live)) for p in live.rglob("*") if p.is_file()) == [
+        "metrics.json", "plots/metrics/skipped.tsv"]
+    assert (live / "plots/metrics/skipped.tsv").read_text() == "step\tskipped\n"
 
 
 def test_unet_stage_trains_and_its_model_scores_what_validation_json_says(tmp_path):
