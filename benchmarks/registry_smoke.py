@@ -41,9 +41,11 @@ def quick_overrides(params: dict) -> list[str]:
     return QUICK + own
 
 
-def last_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[-1][:160] if lines else ""
+def error_line(text: str) -> str:
+    """The stage's own one-line error (``error: ...``), else the last line DVC printed."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    own = [line for line in lines if line.startswith("error:")]
+    return (own or lines or [""])[-1][:160]
 
 
 def run_entry(repo: Path, env: dict, name: str, overrides: list[str]) -> dict:
@@ -52,7 +54,7 @@ def run_entry(repo: Path, env: dict, name: str, overrides: list[str]) -> dict:
     result = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True)
     row = {"dataset": name, "rc": result.returncode, "seconds": round(time.perf_counter() - start),
            "stages": len(ran(result.stdout)), "champion": "", "accuracy": None, "balanced_accuracy": None,
-           "error": "" if result.returncode == 0 else last_line(result.stderr or result.stdout)}
+           "error": "" if result.returncode == 0 else error_line(result.stdout + result.stderr)}
     (repo.parent / f"{name}.log").write_text(result.stdout + result.stderr)
     if result.returncode == 0:
         headline = json.loads((repo / "metrics/evaluate.json").read_text())

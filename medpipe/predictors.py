@@ -94,9 +94,11 @@ def deep_models(models_dir: Path, names: list[str], seeds: list[int], task: str,
         for seed in seeds:
             paths = _deep_paths(models_dir, name, seed, folds)
             missing = [p for p in paths if not p.is_file()]
-            if missing:
+            if missing:   # a recorded skip (a dataset without masks) is news; a model never trained is a warning
                 where = f" ({missing[0].parent.name})" if folds else ""
-                log.warning("%s seed %d: no model%s (%s)", name, seed, where, _why_missing(missing[0]))
+                recorded = missing[0].with_name(VALIDATION_FILE).is_file()
+                log.log(logging.INFO if recorded else logging.WARNING, "%s seed %d: no model%s (%s)", name, seed,
+                        where, _why_missing(missing[0]))
             else:
                 found.append(ModelFile(name, seed, paths[0], task, tuple(paths) if folds else ()))
     return found

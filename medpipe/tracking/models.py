@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,22 @@ def file_md5(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+class _DropMessage(logging.Filter):
+    """Drops a logger's records whose message starts with ``prefix``."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+# ImagePyfunc is logged as a Python object (cloudpickle) on purpose; MLflow warns of that for every model logged,
+# a line in every training stage's log that no user of the pipeline can act on
+logging.getLogger("mlflow.pyfunc").addFilter(_DropMessage("Passing a Python object as `python_model`"))
 
 
 class ImagePyfunc(mlflow.pyfunc.PythonModel):

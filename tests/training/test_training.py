@@ -5,6 +5,7 @@ the validation of ``train``/``models`` (the U-Net's stage, ``train_segmenter``, 
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -520,7 +521,7 @@ def test_training_is_deterministic(data, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_mlflow_run_registers_a_model_that_loads_and_predicts(data, tmp_path, monkeypatch):
+def test_mlflow_run_registers_a_model_that_loads_and_predicts(data, tmp_path, monkeypatch, caplog):
     import mlflow
 
     from medpipe.tracking.models import file_md5, find_model_version
@@ -530,7 +531,8 @@ def test_mlflow_run_registers_a_model_that_loads_and_predicts(data, tmp_path, mo
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     monkeypatch.setenv("DVC_EXP_NAME", "exp-test")
     paths = train_paths(data, seed=7)
-    summary = stage.run(cnn_params(epochs=2), paths)
+    with caplog.at_level(logging.WARNING):
+        summary = stage.run(cnn_params(epochs=2), paths)
     assert sorted(p.name for p in paths.out.iterdir()) == ["model.pt", "validation.json"]  # no MLflow sidecar
     version = find_model_version(paths.out / "model.pt")
     assert version is not None and version.name == "medpipe-tiny-cnn_two_conv" and int(version.version) == 1
@@ -548,6 +550,8 @@ def test_mlflow_run_registers_a_model_that_loads_and_predicts(data, tmp_path, mo
     proba = np.asarray(model.predict(images))
     expected = TorchClassifier.load(paths.out / "model.pt").predict_proba(images)
     assert proba.shape == (len(images), 3) and np.allclose(proba, expected, atol=1e-5)
+    # logging and loading the model print nothing a user of the pipeline cannot act on
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("mlflow")]
 
 
 def test_transfer_classifier_round_trip(tmp_path):
