@@ -55,7 +55,7 @@ def train(model: str, seed: int, threads: object, folder: Path, env: dict) -> tu
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     train_set = params["train"]["train_set"]
     cmd = [sys.executable, "-m", "stages.train", "--params", str(params_file), "--model", model, "--seed", str(seed),
-           "--train", f"data/processed/{train_set}.npz", "--val", "data/processed/val.npz",
+           "--train", f"data/processed/{train_set}", "--val", "data/processed/val",
            "--normalization", "data/processed/normalization.json", "--out", str(folder / "out"),
            "--live", str(folder / "live")]
     start = time.perf_counter()

@@ -54,10 +54,10 @@ def prepare_data(params: dict, work: Path) -> dict[str, float]:
     seconds: dict[str, float] = {}
     steps = [
         ("download", work / "raw", lambda: download.run(params, download.DownloadPaths(work / "raw"))),
-        ("preprocess", work / "images.npz", lambda: preprocess.run(
-            params, preprocess.PreprocessPaths(work / "raw", work / "images.npz", work / "preprocess_report.json"))),
+        ("preprocess", work / "images", lambda: preprocess.run(
+            params, preprocess.PreprocessPaths(work / "raw", work / "images", work / "preprocess_report.json"))),
         ("split", work / "processed", lambda: splitting.run(params, splitting.SplitPaths(
-            work / "images.npz", work / "preprocess_report.json", work / "processed", work / "split_report.json",
+            work / "images", work / "preprocess_report.json", work / "processed", work / "split_report.json",
             work / "data.json"))),
     ]
     for name, output, step in steps:
@@ -74,12 +74,12 @@ def time_to_accuracy(params: dict, model: str, seed: int, processed: Path, out: 
     from medpipe.predictors import load_model
     from medpipe.training import stage
 
-    paths = stage.TrainPaths(model, seed, processed / "train.npz", processed / "val.npz",
+    paths = stage.TrainPaths(model, seed, processed / "train", processed / "val",
                              processed / "normalization.json", out / model / f"seed{seed}", out / "live" / f"seed{seed}")
     start = time.perf_counter()
     summary = stage.run(params, paths)
     trained = time.perf_counter()
-    test = ImageSet.load(processed / "test.npz")
+    test = ImageSet.load(processed / "test")
     proba = load_model(paths.out / "model.pt").predict_proba(test.images)
     done = time.perf_counter()
     return {"seed": seed, "seconds": done - start, "train_seconds": trained - start,

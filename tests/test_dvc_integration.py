@@ -60,10 +60,10 @@ def test_data_stages_run_and_never_leak_duplicates_across_splits(project):
     reasons = details["skipped"]["by_reason"]
     assert reasons["hidden file"] == 1
     assert any(reason.startswith(("corrupt or truncated", "not an image")) for reason in reasons)
-    hashes = {name: set(ImageSet.load(repo / f"data/processed/{name}.npz").content_hashes) for name in
+    hashes = {name: set(ImageSet.load(repo / f"data/processed/{name}").content_hashes) for name in
               ("train", "val", "test")}
     assert not (hashes["train"] & hashes["val"] or hashes["train"] & hashes["test"] or hashes["val"] & hashes["test"])
-    augmented = ImageSet.load(repo / "data/processed/train_augmented.npz")
+    augmented = ImageSet.load(repo / "data/processed/train_augmented")
     counts = list(augmented.class_counts().values())
     assert len(set(counts)) == 1  # balanced
     assert set(augmented.content_hashes) <= hashes["train"]  # augmented copies come from training images only

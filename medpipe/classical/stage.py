@@ -28,8 +28,8 @@ LOADER = "medpipe.classical.predictor"   # the module that loads the saved model
 
 @dataclass(frozen=True)
 class ClassicalPaths:
-    train: Path    # data/processed/<classical.train_set>.npz
-    val: Path      # data/processed/val.npz
+    train: Path    # data/processed/<classical.train_set>
+    val: Path      # data/processed/val
     out: Path      # models/classical/ (models/classical-fold<f>/ for a cross-validation fold)
     fold: int | None = None   # the cross-validation fold the data comes from (data/folds/fold<f>/), if any
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from torchvision.transforms import v2
 
 from medpipe import config
 from medpipe.config import AugmentConfig
-from medpipe.data.imageset import ImageSet
+from medpipe.data.imageset import ImageSet, ImageSetWriter, concatenate
 from medpipe.io import write_json
 
 
@@ -83,12 +84,8 @@ def balance_targets(counts: np.ndarray, cfg: AugmentConfig) -> np.ndarray:
     return np.maximum(counts, np.where(counts > 0, target, 0))
 
 
-def augment_and_balance(train: ImageSet, cfg: AugmentConfig, seed: int) -> ImageSet:
-    """The training split plus augmented copies of randomly drawn images of each minority class, so
-    every class reaches its target count. Only training images are ever used as sources."""
-    rng = np.random.default_rng(seed)
-    torch.manual_seed(seed)
-    transform = build_transform(cfg)
+def balance_sources(train: ImageSet, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
+    """The training images to copy, drawn at random within each class short of its target."""
     counts = np.bincount(train.labels, minlength=train.num_classes)
     targets = balance_targets(counts, cfg)
     sources: list[int] = []
@@ -96,36 +93,46 @@ def augment_and_balance(train: ImageSet, cfg: AugmentConfig, seed: int) -> Image
         if want > have:
             members = np.flatnonzero(train.labels == label)
             sources.extend(rng.choice(members, size=int(want - have), replace=True).tolist())
-    if not sources:
-        return train
-    index = np.array(sources, dtype=np.int64)
-    copies = train.subset(index)
-    images = np.empty_like(copies.images)
-    masks = None if copies.masks is None else np.empty_like(copies.masks)
-    for i in range(len(index)):
-        image, mask = augment_one(transform, copies.images[i], None if masks is None else copies.masks[i])
-        images[i] = image
-        if masks is not None:
-            masks[i] = mask
-    ids = np.array([f"{sid}#aug{i}" for i, sid in enumerate(copies.source_ids)], dtype=str)
-    augmented = ImageSet(
-        images=np.concatenate([train.images, images]),
-        labels=np.concatenate([train.labels, copies.labels]),
-        class_names=train.class_names,
-        source_ids=np.concatenate([train.source_ids, ids]),
-        groups=np.concatenate([train.groups, copies.groups]),
-        content_hashes=np.concatenate([train.content_hashes, copies.content_hashes]),
-        phashes=np.concatenate([train.phashes, copies.phashes]),
-        source_splits=np.concatenate([train.source_splits, copies.source_splits]),
-        masks=None if masks is None else np.concatenate([train.masks, masks]),
-    )
-    return augmented
+    return np.array(sources, dtype=np.int64)
+
+
+def augmented_chunks(train: ImageSet, cfg: AugmentConfig, seed: int) -> Iterator[ImageSet]:
+    """The training split, then augmented copies of randomly drawn images of each minority class so every
+    class reaches its target count, a chunk at a time. Only training images are ever used as sources."""
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    transform = build_transform(cfg)
+    index = balance_sources(train, cfg, rng)
+    yield from train.chunks()
+    copied = 0
+    for chunk in train.subset(index).chunks():
+        for i in range(len(chunk)):
+            image, mask = augment_one(transform, chunk.images[i], None if chunk.masks is None else chunk.masks[i])
+            chunk.images[i] = image
+            if mask is not None:
+                chunk.masks[i] = mask
+        ids = np.array([f"{sid}#aug{copied + i}" for i, sid in enumerate(chunk.source_ids)], dtype=str)
+        copied += len(chunk)
+        yield replace(chunk, source_ids=ids)
+
+
+def augment_and_balance(train: ImageSet, cfg: AugmentConfig, seed: int) -> ImageSet:
+    """The augmented and balanced training split in memory (``augmented_chunks`` gathered)."""
+    return concatenate(list(augmented_chunks(train, cfg, seed)) or [train])
+
+
+def write_augmented(train: ImageSet, cfg: AugmentConfig, seed: int, path: Path) -> ImageSet:
+    """Stream the augmented and balanced training split into the image-set folder ``path``."""
+    with ImageSetWriter(path, train.image_size, train.class_names, train.masks is not None) as writer:
+        for chunk in augmented_chunks(train, cfg, seed):
+            writer.append(chunk)
+    return ImageSet.load(path)
 
 
 @dataclass(frozen=True)
 class AugmentPaths:
-    train: Path      # data/processed/train.npz
-    out: Path        # data/processed/train_augmented.npz
+    train: Path      # data/processed/train
+    out: Path        # data/processed/train_augmented
     details: Path    # class counts before and after
 
 
@@ -133,8 +140,7 @@ def run(params: dict, paths: AugmentPaths) -> ImageSet:
     """Stage ``augment``: augmented copies balance the classes of the training split only."""
     cfg = config.load_section(params, "augment", AugmentConfig)
     data = ImageSet.load(paths.train)
-    augmented = augment_and_balance(data, cfg, config.global_seed(params))
-    augmented.save(paths.out)
+    augmented = write_augmented(data, cfg, config.global_seed(params), paths.out)
     write_json(paths.details, {
         "balance": cfg.balance,
         "train_before": {"total": len(data), **data.class_counts()},

@@ -5,22 +5,23 @@ are grouped as the split stage groups them (pixel-identical copies, near-duplica
 and the groups are dealt into k folds, stratified by label and seeded (``split.seed``), so a duplicate group
 never straddles two folds. For fold ``f``:
 
-- ``heldout.npz``: the fold's own images, predicted by the models trained without them (out-of-fold);
-- ``train.npz`` and ``val.npz``: the other k-1 folds, cut again by group into training images and an inner
+- ``heldout/``: the fold's own images, predicted by the models trained without them (out-of-fold);
+- ``train/`` and ``val/``: the other k-1 folds, cut again by group into training images and an inner
   validation slice (``cv.inner_val``) that chooses the epoch and stops training early, so no out-of-fold
   image ever selects anything for itself;
-- ``train_augmented.npz``: ``train.npz`` balanced and augmented as the ``augment`` stage does it (only the
+- ``train_augmented/``: ``train/`` balanced and augmented as the ``augment`` stage does it (only the
   fold's training images are sources);
 - ``normalization.json``: the statistics of the fold's training images (``split.normalization``).
 
-``folds.json`` records the counts and the fold of every pool image (``train.npz``'s images, then ``val.npz``'s). With ``cv.folds: []`` (hold-out only) the
+Each set is an image-set folder (``medpipe.data.imageset``), streamed from the memory-mapped splits.
+``folds.json`` records the counts and the fold of every pool image (the train split's images, then the
+validation split's). With ``cv.folds: []`` (hold-out only) the
 folder holds ``folds.json`` alone, so the stage costs nothing and changes nothing downstream.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,9 +29,9 @@ import numpy as np
 
 from medpipe import config
 from medpipe.config import AugmentConfig, CVConfig, SplitConfig
-from medpipe.data.augment import augment_and_balance
+from medpipe.data.augment import write_augmented
 from medpipe.data.imageset import ImageSet, concatenate, fold_file
-from medpipe.data.splitting import assign_groups, group_images, normalization_stats
+from medpipe.data.splitting import assign_groups, group_images, majority_labels, normalization_stats
 from medpipe.io import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -40,15 +41,14 @@ FOLD_SETS = ("train", "train_augmented", "val", "heldout")
 
 @dataclass(frozen=True)
 class FoldsPaths:
-    train: Path    # data/processed/train.npz
-    val: Path      # data/processed/val.npz
+    train: Path    # data/processed/train
+    val: Path      # data/processed/val
     out: Path      # data/folds/: fold<f>/ per fold and folds.json
 
 
 def group_labels(data: ImageSet, group_of: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(group ids, each group's majority label, each group's size) of the groups ``group_of`` numbers."""
-    groups = np.unique(group_of)
-    labels = np.array([Counter(data.labels[group_of == g].tolist()).most_common(1)[0][0] for g in groups])
+    groups, labels, _ = majority_labels(group_of, data.labels, data.num_classes)
     return groups, labels, np.bincount(group_of)[groups]
 
 
@@ -94,7 +94,7 @@ def folds_record(pool: ImageSet, fold_of: np.ndarray, cv: CVConfig, sizes: dict[
         "inner_val": cv.inner_val,
         "pool_images": len(pool),
         "per_fold": {str(f): sizes[f] for f in sorted(sizes)},
-        "fold_of": fold_of.tolist(),   # per pool image: train.npz's images, then val.npz's
+        "fold_of": fold_of.tolist(),   # per pool image: the train split's images, then the validation split's
     }
 
 
@@ -114,11 +114,12 @@ def run(params: dict, paths: FoldsPaths) -> dict:
     with atomic_dir(paths.out) as out:
         for fold in cv.folds:
             sets = fold_sets(pool, fold_of, fold, cv.inner_val, split.seed, split.near_duplicate_distance)
-            sets["train_augmented"] = augment_and_balance(sets["train"], augment, seed)
             folder = fold_file(out, fold, "heldout").parent
             folder.mkdir(parents=True)
-            for name in FOLD_SETS:
-                sets[name].save(fold_file(out, fold, name))
+            for name, part in sets.items():
+                part.save(fold_file(out, fold, name))
+            sets["train_augmented"] = write_augmented(sets["train"], augment, seed,
+                                                      fold_file(out, fold, "train_augmented"))
             write_json(folder / "normalization.json", normalization_stats(sets["train"].images, split.normalization))
             sizes[fold] = {name: {"total": len(sets[name]), **sets[name].class_counts()} for name in FOLD_SETS}
             log.info("fold %d: %s", fold, {name: len(s) for name, s in sets.items()})

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from medpipe import config
 from medpipe.errors import UserError
 from medpipe.data import imaging
-from medpipe.data.imageset import ImageSet, concatenate
+from medpipe.data.imageset import ImageSet, ImageSetWriter, chunk_rows, concatenate
 from medpipe.data.registry import DatasetSpec, get_spec, load_registry
 from medpipe.io import write_json
 
@@ -199,22 +199,19 @@ def _map_items(items: list[Item], archive: Path, crop: str, size: int, with_mask
         yield from tqdm(pool.imap(_process_item, items, chunksize=chunk), total=len(items), desc=desc, unit="img", disable=None)
 
 
-def _collect(spec: DatasetSpec, class_names: tuple[str, ...], items: Iterable[Item],
-             results: Iterable[Processed | Skip], size: int, source: str) -> PreprocessResult:
-    kept: list[tuple[Item, Processed]] = []
-    skipped: list[Skip] = []
-    for item, result in zip(items, results, strict=True):
-        if isinstance(result, Skip):
-            skipped.append(Skip(f"{source}:{result.member}", result.reason))
-        else:
-            kept.append((item, result))
-    n = len(kept)
-    images = np.stack([p.image for _, p in kept]) if n else np.zeros((0, size, size, 3), np.uint8)
-    masks = None
-    if spec.has_masks:
-        masks = np.stack([p.mask for _, p in kept]).astype(np.uint8) if n else np.zeros((0, size, size), np.uint8)
-    imageset = ImageSet(
-        images=images,
+def empty_imageset(class_names: tuple[str, ...], size: int, with_masks: bool) -> ImageSet:
+    return ImageSet(
+        images=np.zeros((0, size, size, 3), np.uint8), labels=np.zeros(0, np.int64), class_names=class_names,
+        source_ids=np.zeros(0, str), groups=np.zeros(0, str), content_hashes=np.zeros(0, str),
+        phashes=np.zeros(0, np.uint64), source_splits=np.zeros(0, str),
+        masks=np.zeros((0, size, size), np.uint8) if with_masks else None,
+    )
+
+
+def _imageset(kept: list[tuple[Item, Processed]], class_names: tuple[str, ...], with_masks: bool,
+              source: str) -> ImageSet:
+    return ImageSet(
+        images=np.stack([p.image for _, p in kept]),
         labels=np.array([i.label for i, _ in kept], dtype=np.int64),
         class_names=class_names,
         source_ids=np.array([f"{source}:{i.member}" for i, _ in kept], dtype=str),
@@ -222,87 +219,143 @@ def _collect(spec: DatasetSpec, class_names: tuple[str, ...], items: Iterable[It
         content_hashes=np.array([p.content_hash for _, p in kept], dtype=str),
         phashes=np.array([p.phash for _, p in kept], dtype=np.uint64),
         source_splits=np.array([i.source_split for i, _ in kept], dtype=str),
-        masks=masks,
+        masks=np.stack([p.mask for _, p in kept]).astype(np.uint8) if with_masks else None,
     )
-    return PreprocessResult(imageset, skipped)
 
 
-def read_class_folders(spec: DatasetSpec, archive: Path, crop: str, size: int, workers: int,
-                       max_pixels: int | None = None) -> PreprocessResult:
+def _collect(spec: DatasetSpec, results: Iterable[tuple[Item, Processed | Skip]], size: int, source: str,
+             skipped: list[Skip]) -> Iterator[ImageSet]:
+    """The decoded images in chunks of about ``CHUNK_BYTES`` of pixels; skipped files go to ``skipped``."""
+    step = chunk_rows(size * size * 3)
+    kept: list[tuple[Item, Processed]] = []
+    for item, result in results:
+        if isinstance(result, Skip):
+            skipped.append(Skip(f"{source}:{result.member}", result.reason))
+            continue
+        kept.append((item, result))
+        if len(kept) == step:
+            yield _imageset(kept, tuple(spec.class_names), spec.has_masks, source)
+            kept = []
+    if kept:
+        yield _imageset(kept, tuple(spec.class_names), spec.has_masks, source)
+
+
+def stream_class_folders(spec: DatasetSpec, archive: Path, crop: str, size: int, workers: int,
+                         max_pixels: int | None, skipped: list[Skip]) -> Iterator[ImageSet]:
     """Decode a zip of class folders; an image of more than ``max_pixels`` pixels is skipped as too_large."""
-    items, skipped = class_folder_items(spec, archive)
+    items, unread = class_folder_items(spec, archive)
     if not items:
         raise ArchiveError(f"{archive}: no images found in the class folders {list(spec.classes.values())}")
+    skipped.extend(Skip(f"{archive.name}:{s.member}", s.reason) for s in unread)
     results = _map_items(items, archive, crop, size, spec.has_masks, workers, desc=f"preprocess {spec.name}",
                          max_pixels=max_pixels)
-    result = _collect(spec, tuple(spec.class_names), items, results, size, archive.name)
-    result.skipped[:0] = [Skip(f"{archive.name}:{s.member}", s.reason) for s in skipped]
-    return result
+    yield from _collect(spec, zip(items, results, strict=True), size, archive.name, skipped)
 
 
-def read_medmnist_npz(spec: DatasetSpec, archive: Path, crop: str, size: int) -> PreprocessResult:
+def npz_rows(archive: Path, key: str) -> Iterator[np.ndarray]:
+    """The rows of array ``key`` of an ``.npz`` file, a chunk at a time (decompressed as they are read)."""
+    with zipfile.ZipFile(archive) as zf:
+        if f"{key}.npy" not in zf.namelist():
+            raise ArchiveError(f"{archive}: missing array {key!r} (expected the MedMNIST layout)")
+        with zf.open(f"{key}.npy") as member:
+            version = np.lib.format.read_magic(member)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(member)
+            if fortran or dtype.hasobject:
+                raise ArchiveError(f"{archive}: array {key!r} is not a C-ordered numeric array")
+            row_shape = shape[1:]
+            row_bytes = int(np.prod(row_shape, dtype=np.int64)) * dtype.itemsize
+            step = chunk_rows(row_bytes)
+            for start in range(0, shape[0], step):
+                n = min(step, shape[0] - start)
+                buffer = member.read(n * row_bytes)
+                if len(buffer) != n * row_bytes:
+                    raise ArchiveError(f"{archive}: array {key!r} is truncated")
+                yield np.frombuffer(buffer, dtype=dtype).reshape((n, *row_shape))
+
+
+def _medmnist_results(spec: DatasetSpec, archive: Path, crop: str,
+                      size: int) -> Iterator[tuple[Item, Processed | Skip]]:
+    """Each image of the MedMNIST file's train, val and test arrays with its result, a chunk read at a time."""
     index_to_label = {int(v): i for i, v in enumerate(spec.classes.values())}
-    items: list[Item] = []
-    results: list[Processed | Skip] = []
-    with np.load(archive, allow_pickle=False) as data:
-        for split in ("train", "val", "test"):
-            key = f"{split}_images"
-            if key not in data.files:
-                raise ArchiveError(f"{archive}: missing array {key!r} (expected the MedMNIST layout)")
-            images, labels = data[key], data[f"{split}_labels"].reshape(-1)
-            if images.ndim == 3:
-                images = np.repeat(images[..., None], 3, axis=3)
-            for i, (image, label) in enumerate(
-                tqdm(zip(images, labels, strict=True), total=len(images), desc=f"preprocess {spec.name} {split}", disable=None)
-            ):
-                member = f"{split}/{i:06d}"
-                if int(label) not in index_to_label:
-                    results.append(Skip(member, f"label {int(label)} is not in datasets.yaml classes"))
-                    items.append(Item(member, -1))
+    for split in ("train", "val", "test"):
+        labels = np.concatenate(list(npz_rows(archive, f"{split}_labels"))).reshape(-1)
+        position = 0
+        for chunk in npz_rows(archive, f"{split}_images"):
+            if chunk.ndim == 3:
+                chunk = np.repeat(chunk[..., None], 3, axis=3)
+            for image in chunk:
+                member, label = f"{split}/{position:06d}", int(labels[position])
+                position += 1
+                if label not in index_to_label:
+                    yield Item(member, -1), Skip(member, f"label {label} is not in datasets.yaml classes")
                     continue
-                items.append(Item(member, index_to_label[int(label)], source_split=split))
-                results.append(process_image(np.ascontiguousarray(image, dtype=np.uint8), None, crop, size))
-    return _collect(spec, tuple(spec.class_names), items, results, size, archive.name)
+                image = np.ascontiguousarray(image, dtype=np.uint8)
+                yield Item(member, index_to_label[label], source_split=split), process_image(image, None, crop, size)
+
+
+def stream_medmnist_npz(spec: DatasetSpec, archive: Path, crop: str, size: int,
+                        skipped: list[Skip]) -> Iterator[ImageSet]:
+    results = tqdm(_medmnist_results(spec, archive, crop, size), desc=f"preprocess {spec.name}", unit="img",
+                   disable=None)
+    yield from _collect(spec, results, size, archive.name, skipped)
+
+
+def stream_dataset(spec: DatasetSpec, raw_dir: Path, size: int, crop: str | None = None, workers: int = 2,
+                   registry: dict[str, DatasetSpec] | None = None, max_pixels: int | None = None,
+                   skipped: list[Skip] | None = None) -> Iterator[ImageSet]:
+    """The dataset ``spec`` from its files in ``raw_dir`` at ``size`` px, in chunks; unreadable files go to
+    ``skipped`` with their reasons.
+
+    ``max_pixels`` (``preprocess.max_pixels``) refuses larger images from their header; ``None`` keeps
+    PIL's own limit (``PIL.Image.MAX_IMAGE_PIXELS``).
+    """
+    skipped = [] if skipped is None else skipped
+    crop = spec.crop if crop in (None, "auto") else crop
+    if spec.reader == "compose":
+        registry = registry or load_registry()
+        class_names = tuple(spec.class_names)
+        for component in spec.compose:
+            for part in stream_dataset(registry[component.dataset], raw_dir, size, None, workers, registry,
+                                       max_pixels, skipped):
+                keep = np.isin(np.array(part.class_names)[part.labels], list(component.classes))
+                part = part.subset(np.flatnonzero(keep))
+                new_labels = [class_names.index(component.classes[part.class_names[label]]) for label in part.labels]
+                yield ImageSet(
+                    images=part.images, labels=np.array(new_labels, dtype=np.int64), class_names=class_names,
+                    source_ids=part.source_ids, groups=part.groups, content_hashes=part.content_hashes,
+                    phashes=part.phashes, source_splits=np.full(len(part), "", dtype=str), masks=None,
+                )
+        return
+    archive = raw_dir / spec.files[0].name
+    if not archive.is_file():
+        raise FileNotFoundError(f"{archive} does not exist: run the download stage first")
+    if spec.reader == "class_folders":
+        yield from stream_class_folders(spec, archive, crop, size, workers, max_pixels, skipped)
+    else:
+        yield from stream_medmnist_npz(spec, archive, crop, size, skipped)
+
+
+def stored_with_masks(spec: DatasetSpec) -> bool:
+    """Whether the image set of ``spec`` carries masks (a composed dataset never does)."""
+    return spec.reader != "compose" and spec.has_masks
 
 
 def read_dataset(spec: DatasetSpec, raw_dir: Path, size: int, crop: str | None = None, workers: int = 2,
                  registry: dict[str, DatasetSpec] | None = None,
                  max_pixels: int | None = None) -> PreprocessResult:
-    """Read the dataset ``spec`` from its files in ``raw_dir`` into an ImageSet of ``size`` px images.
-
-    ``max_pixels`` (``preprocess.max_pixels``) refuses larger images from their header; ``None`` keeps
-    PIL's own limit (``PIL.Image.MAX_IMAGE_PIXELS``).
-    """
-    crop = spec.crop if crop in (None, "auto") else crop
-    if spec.reader == "compose":
-        registry = registry or load_registry()
-        parts, skipped = [], []
-        class_names = tuple(spec.class_names)
-        for component in spec.compose:
-            sub_spec = registry[component.dataset]
-            sub = read_dataset(sub_spec, raw_dir, size, None, workers, registry, max_pixels)
-            keep = np.isin(np.array(sub.imageset.class_names)[sub.imageset.labels], list(component.classes))
-            part = sub.imageset.subset(np.flatnonzero(keep))
-            new_labels = [class_names.index(component.classes[part.class_names[label]]) for label in part.labels]
-            parts.append(ImageSet(
-                images=part.images, labels=np.array(new_labels, dtype=np.int64), class_names=class_names,
-                source_ids=part.source_ids, groups=part.groups, content_hashes=part.content_hashes,
-                phashes=part.phashes, source_splits=np.full(len(part), "", dtype=str), masks=None,
-            ))
-            skipped.extend(sub.skipped)
-        return PreprocessResult(concatenate(parts), skipped)
-    archive = raw_dir / spec.files[0].name
-    if not archive.is_file():
-        raise FileNotFoundError(f"{archive} does not exist: run the download stage first")
-    if spec.reader == "class_folders":
-        return read_class_folders(spec, archive, crop, size, workers, max_pixels)
-    return read_medmnist_npz(spec, archive, crop, size)
+    """The whole dataset in memory (``stream_dataset`` gathered): for datasets that fit in it."""
+    skipped: list[Skip] = []
+    chunks = list(stream_dataset(spec, raw_dir, size, crop, workers, registry, max_pixels, skipped))
+    data = concatenate(chunks) if chunks else empty_imageset(tuple(spec.class_names), size, stored_with_masks(spec))
+    return PreprocessResult(data, skipped)
 
 
 @dataclass(frozen=True)
 class PreprocessPaths:
     raw: Path      # data/raw: the dataset's files as downloaded
-    out: Path      # data/interim/images.npz
+    out: Path      # data/interim/images: the image-set folder
     report: Path   # data/interim/preprocess_report.json: skipped files with reasons (no timings)
 
 
@@ -311,16 +364,20 @@ def run(params: dict, paths: PreprocessPaths) -> ImageSet:
     spec = get_spec(config.dataset_name(params))
     cfg = config.load_section(params, "preprocess", config.PreprocessConfig)
     size = config.image_size(params, spec.image_size)
-    result = read_dataset(spec, paths.raw, size, cfg.crop, cfg.workers, load_registry(), cfg.max_pixels)
-    data = result.imageset
-    if len(data) == 0:
-        raise ArchiveError(f"no image of dataset {spec.name!r} in {paths.raw} could be read")
-    data.save(paths.out)
+    skipped: list[Skip] = []
+    images = 0
+    with ImageSetWriter(paths.out, size, tuple(spec.class_names), stored_with_masks(spec)) as writer:
+        for chunk in stream_dataset(spec, paths.raw, size, cfg.crop, cfg.workers, load_registry(), cfg.max_pixels,
+                                    skipped):
+            writer.append(chunk)
+            images += len(chunk)
+        if images == 0:
+            raise ArchiveError(f"no image of dataset {spec.name!r} in {paths.raw} could be read")
     write_json(paths.report, {
         "dataset": spec.name,
         "image_size": size,
-        "images": len(data),
-        "skipped": [{"file": s.member, "reason": s.reason} for s in result.skipped],
+        "images": images,
+        "skipped": [{"file": s.member, "reason": s.reason} for s in skipped],
     })  # no timings here: the report is a dependency of `split`, and must not change when the data do not
-    log.info("%d images at %d px, %d files skipped", len(data), size, len(result.skipped))
-    return data
+    log.info("%d images at %d px, %d files skipped", images, size, len(skipped))
+    return ImageSet.load(paths.out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from medpipe import config
-from medpipe.data.imageset import ImageSet
+from medpipe.data.imageset import ImageSet, chunk_rows
 from medpipe.io import read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -43,20 +44,45 @@ class UnionFind:
         return order[inverse]
 
 
-def near_duplicate_pairs(phashes: np.ndarray, max_distance: int, chunk: int = 1024) -> np.ndarray:
-    """Index pairs (i < j) whose 64-bit perceptual hashes differ in at most ``max_distance`` bits."""
+def near_duplicate_pairs(phashes: np.ndarray, max_distance: int, block_bytes: int = 2**26) -> np.ndarray:
+    """Index pairs (i < j) whose 64-bit perceptual hashes differ in at most ``max_distance`` bits.
+
+    Every pair is compared (N^2 / 2 XORs and popcounts), a block of rows at a time that holds ``block_bytes`` of
+    XORs, so memory stays flat in N (see docs/benchmarks.md for the time at 100,000 images)."""
     phashes = np.asarray(phashes, dtype=np.uint64)
     if max_distance < 0 or len(phashes) < 2:
         return np.zeros((0, 2), dtype=np.int64)
     pairs = []
+    chunk = max(1, block_bytes // (8 * len(phashes)))
     for start in range(0, len(phashes), chunk):
         block = phashes[start:start + chunk]
-        distance = np.bitwise_count(block[:, None] ^ phashes[None, :])
+        distance = np.bitwise_count(block[:, None] ^ phashes[start:][None, :])
         rows, cols = np.nonzero(distance <= max_distance)
-        rows = rows + start
+        rows, cols = rows + start, cols + start
         keep = cols > rows
         pairs.append(np.stack([rows[keep], cols[keep]], axis=1))
     return np.concatenate(pairs).astype(np.int64)
+
+
+def group_members(group_of: np.ndarray) -> list[np.ndarray]:
+    """The image positions (ascending) of each group, in the order of the group ids: one sort, not one scan of
+    all N images per group."""
+    order = np.argsort(group_of, kind="stable")
+    return np.split(order, np.flatnonzero(np.diff(group_of[order])) + 1) if len(order) else []
+
+
+def majority_labels(group_of: np.ndarray, labels: np.ndarray,
+                    num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(group ids, each group's most frequent label, whether the group's labels disagree). A tie goes to the
+    label met first among the group's images, as ``Counter.most_common`` gives it."""
+    groups, inverse = np.unique(group_of, return_inverse=True)
+    counts = np.zeros((len(groups), num_classes), dtype=np.int64)
+    np.add.at(counts, (inverse, labels), 1)
+    first = np.full((len(groups), num_classes), len(labels), dtype=np.int64)
+    np.minimum.at(first, (inverse, labels), np.arange(len(labels)))
+    tied = counts == counts.max(axis=1, keepdims=True)
+    majority = np.where(tied, first, len(labels)).argmin(axis=1)
+    return groups, majority, (counts > 0).sum(axis=1) > 1
 
 
 @dataclass
@@ -89,11 +115,9 @@ def group_images(data: ImageSet, max_distance: int) -> Grouping:
             else:
                 first_group[group] = i
     group_of = uf.labels()
-    conflicting = []
-    for g in np.unique(group_of):
-        members = np.flatnonzero(group_of == g)
-        if len(set(data.labels[members].tolist())) > 1:
-            conflicting.append(sorted(str(s) for s in data.source_ids[members]))
+    _, _, conflicted = majority_labels(group_of, data.labels, data.num_classes)
+    members = group_members(group_of)
+    conflicting = [sorted(str(s) for s in data.source_ids[members[g]]) for g in np.flatnonzero(conflicted)]
     return Grouping(group_of, exact, len(near), conflicting)
 
 
@@ -123,17 +147,15 @@ def split_dataset(data: ImageSet, fractions: tuple[float, float, float], seed: i
                   conflicting_labels: str = "drop", use_source_split: bool = False) -> SplitResult:
     """Stratified grouped split: a duplicate group or metadata group never straddles two splits."""
     grouping = group_images(data, max_distance)
-    group_of = grouping.group_of
-    groups = np.unique(group_of)
+    group_of = grouping.group_of   # groups are numbered 0..G-1
+    groups, group_labels, disagree = majority_labels(group_of, data.labels, data.num_classes)
     sizes = np.bincount(group_of)[groups]
-    group_labels = np.array([Counter(data.labels[group_of == g].tolist()).most_common(1)[0][0] for g in groups])
     rng = np.random.default_rng(seed)
-    conflicted = {g for g in groups if len(set(data.labels[group_of == g].tolist())) > 1}
+    conflicted = set(groups[disagree].tolist())
     if use_source_split and (data.source_splits != "").any():
-        group_split = np.zeros(len(groups), dtype=np.int64)
-        for g in groups:
-            sources = set(data.source_splits[group_of == g].tolist())
-            group_split[g] = 2 if "test" in sources else 1 if "val" in sources else 0
+        def has(split: str) -> np.ndarray:   # per group: whether any of its images is in the source's ``split``
+            return np.bincount(group_of, weights=data.source_splits == split, minlength=len(groups)) > 0
+        group_split = np.where(has("test"), 2, np.where(has("val"), 1, 0)).astype(np.int64)
         if not (group_split == 1).any():  # the source has no validation split: carve it out of train
             in_train = np.flatnonzero(group_split == 0)
             val_share = fractions[1] / (fractions[0] + fractions[1])
@@ -151,21 +173,41 @@ def split_dataset(data: ImageSet, fractions: tuple[float, float, float], seed: i
     return SplitResult(split_of, grouping, dropped)
 
 
-def normalization_stats(images: np.ndarray, mode: str) -> dict:
-    """Per-channel mean and std of uint8 NHWC images on the 0-1 scale ('unit': mean 0, std 1)."""
+def channel_histograms(images) -> np.ndarray:
+    """(channels, 256) counts of each uint8 value per channel, reading the images a chunk at a time."""
+    channels = images.shape[-1]
+    counts = np.zeros((channels, 256), dtype=np.int64)
+    step = chunk_rows(int(np.prod(images.shape[1:])))
+    for start in range(0, len(images), step):
+        chunk = np.asarray(images[start:start + step]).reshape(-1, channels)
+        for c in range(channels):
+            counts[c] += np.bincount(chunk[:, c], minlength=256)
+    return counts
+
+
+def normalization_stats(images, mode: str) -> dict:
+    """Per-channel mean and std of uint8 NHWC images on the 0-1 scale ('unit': mean 0, std 1).
+
+    One streaming pass: per-channel histograms of the uint8 values give the exact sums, so memory does not
+    grow with the number of images and the figures do not depend on the order of summation.
+    """
     if mode == "unit":
         return {"mode": "unit", "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}
-    pixels = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
-    mean = pixels.mean(axis=0)
-    std = np.maximum(pixels.std(axis=0), 1e-6)
-    return {"mode": "mean_std", "mean": [round(float(m), 6) for m in mean], "std": [round(float(s), 6) for s in std]}
+    counts = channel_histograms(images)
+    values = np.arange(256, dtype=np.int64)
+    mean, std = [], []
+    for hist in counts:
+        n, total, squares = int(hist.sum()), int(hist @ values), int(hist @ values**2)
+        mean.append(total / n / 255.0)
+        std.append(max(math.sqrt((n * squares - total * total) / (n * n)) / 255.0, 1e-6))
+    return {"mode": "mean_std", "mean": [round(m, 6) for m in mean], "std": [round(s, 6) for s in std]}
 
 
 @dataclass(frozen=True)
 class SplitPaths:
-    images: Path     # data/interim/images.npz
+    images: Path     # data/interim/images
     report: Path     # data/interim/preprocess_report.json (skipped files)
-    out: Path        # data/processed: {train,val,test}.npz and normalization.json
+    out: Path        # data/processed: the {train,val,test} image sets and normalization.json
     details: Path    # everything about the split: classes, duplicates, conflicting groups, skipped files
     metrics: Path    # the headline: split sizes and images dropped
 
@@ -185,7 +227,7 @@ def run(params: dict, paths: SplitPaths) -> dict[str, ImageSet]:
             )
     paths.out.mkdir(parents=True, exist_ok=True)
     for name, part in parts.items():
-        part.save(paths.out / f"{name}.npz")
+        part.save(paths.out / name)
     write_json(paths.out / "normalization.json", normalization_stats(parts["train"].images, cfg.normalization))
     skipped = read_json(paths.report)["skipped"]
     write_json(paths.details, split_details(config.dataset_name(params), data, parts, result, skipped))

@@ -1,6 +1,6 @@
 """Out-of-fold predictions under k-fold cross-validation (``cv.folds``; the ``folds`` stage writes the folds).
 
-Every train + val image sits in exactly one fold's ``heldout.npz``, and fold ``f``'s model never trained on it
+Every train + val image sits in exactly one fold's ``heldout/`` image set, and fold ``f``'s model never trained on it
 nor chose its epoch with it. Predicting each fold's held-out images with that fold's model alone gives one
 out-of-fold prediction per image: a comparison of two models then rests on the whole pool (e.g. 648 busi
 images) instead of the test split's 114. The pool's order is the folds' order (fold 0's images, then
@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from medpipe.config import CVConfig, ParamsError
-from medpipe.data.imageset import ImageSet, concatenate, fold_file
+from medpipe.data.imageset import ImageSet, concatenate, fold_file, images_with_lesion
 from medpipe.evaluation import compare
 from medpipe.io import read_json
 from medpipe.predictors import FoldAverage, ModelFile, ModelLoadError
@@ -66,7 +66,7 @@ def classifier_proba(model: Any, mf: ModelFile, folds: Folds) -> np.ndarray:
 
 def lesion_images(data: ImageSet) -> np.ndarray:
     """Positions of the images whose mask has a lesion (the segmenter metrics are defined on those)."""
-    return np.flatnonzero(data.masks.reshape(len(data), -1).any(1))
+    return images_with_lesion(data.masks)
 
 
 def segmenter_scores(model: Any, mf: ModelFile, folds: Folds, cleanup) -> dict[str, np.ndarray]:

@@ -33,7 +33,7 @@ import numpy as np
 
 from medpipe import config
 from medpipe.config import CVConfig
-from medpipe.data.imageset import ImageSet
+from medpipe.data.imageset import ImageSet, images_with_lesion
 from medpipe.errors import UserError
 from medpipe.evaluation import compare, crossval, curves, ensemble
 from medpipe.evaluation.classify import reference_proba, score_classifier
@@ -60,8 +60,8 @@ class NoModelError(UserError, FileNotFoundError):
 @dataclass(frozen=True)
 class EvaluatePaths:
     models: Path         # models/ (every training stage's output folder)
-    test: Path           # data/processed/test.npz
-    val: Path            # data/processed/val.npz (temperature scaling)
+    test: Path           # data/processed/test
+    val: Path            # data/processed/val (temperature scaling)
     metrics: Path        # metrics/evaluate.json: the headline
     summary: Path        # metrics/summary.md
     details: Path        # reports/evaluate/
@@ -220,7 +220,7 @@ def evaluate_segmenter(files: list[ModelFile], test: ImageSet, cleanup, seed: in
     mean and std over seeds as for the plain scores. With ``folds`` (cross-validation; fold models only), the
     out-of-fold per-image scores of every train + val image with a lesion as well.
     """
-    lesion = np.flatnonzero(test.masks.reshape(len(test), -1).any(1))
+    lesion = images_with_lesion(test.masks)
     scores: dict[str, list[np.ndarray]] = defaultdict(list)
     tta_scores: dict[str, list[np.ndarray]] = defaultdict(list)
     oof_scores = []

@@ -32,8 +32,8 @@ LOADER = "medpipe.segmentation.pixel_classifier"   # the module that loads the s
 
 @dataclass(frozen=True)
 class PixelClassifierPaths:
-    train: Path    # data/processed/<segment.train_set>.npz
-    val: Path      # data/processed/val.npz
+    train: Path    # data/processed/<segment.train_set>
+    val: Path      # data/processed/val
     out: Path      # models/pixel_classifier/
 
 

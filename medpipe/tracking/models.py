@@ -141,7 +141,7 @@ def log_trained_model(model_file: Path, predictor: Any, example: np.ndarray, dat
     if existing is not None:  # the same file as a registered version: this run points at it, registers nothing
         mlflow.set_tags({"registered_model": registered, "registered_version": str(existing.version)})
         return existing
-    logged = log_model_file(model_file, predictor, example, registered, loader)
+    logged = log_model_file(model_file, predictor, np.array(example), registered, loader)  # memory-mapped rows too
     mlflow.MlflowClient().set_registered_model_tag(registered, "dataset", dataset)
     return logged
 

@@ -70,7 +70,10 @@ def nchw_uint8(images: np.ndarray) -> torch.Tensor:
     """uint8 (N, H, W, 3) array -> contiguous uint8 (N, 3, H, W) tensor (one copy)."""
     if images.dtype != np.uint8 or images.ndim != 4:
         raise ValueError(f"expected uint8 (N, H, W, C) images, got {images.dtype} {images.shape}")
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
+    array = np.asarray(images)
+    if not array.flags.writeable:  # memory-mapped rows: torch takes only memory it could write
+        array = np.array(array)
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2).contiguous()
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -107,10 +110,11 @@ class ArrayBatches:
             raise ValueError(f"{len(images)} images but {len(targets)} targets")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not one of the {world_size} processes")
-        self.images = nchw_uint8(images)
-        self.targets = torch.from_numpy(np.ascontiguousarray(targets))
-        if not targets_are_masks:
-            self.targets = self.targets.long()
+        if images.dtype != np.uint8 or images.ndim != 4:
+            raise ValueError(f"expected uint8 (N, H, W, C) images, got {images.dtype} {images.shape}")
+        self.images = images   # (N, H, W, C), in memory or memory-mapped: each batch reads its own rows
+        # masks are read a batch at a time, as the images are; labels are small and live in memory
+        self.targets = targets if targets_are_masks else torch.from_numpy(np.asarray(targets, dtype=np.int64))
         self.batch_size, self.size, self.mean, self.std = batch_size, size, mean, std
         self.shuffle, self.drop_last, self.targets_are_masks = shuffle, drop_last, targets_are_masks
         self.rank, self.world_size = rank, world_size
@@ -156,8 +160,8 @@ class ArrayBatches:
             yield self.batch(index)
 
     def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = to_float(self.images[index], self.size)
-        y = self.targets[index]
+        x = to_float(nchw_uint8(self.images[index.numpy()]), self.size)
+        y = torch.from_numpy(np.array(self.targets[index.numpy()])) if self.targets_are_masks else self.targets[index]
         if self.targets_are_masks and self.size is not None and tuple(y.shape[-2:]) != (self.size, self.size):
             y = F.interpolate(y[:, None].float(), size=(self.size, self.size), mode="nearest")[:, 0].to(y.dtype)
         if self.augment is not None:

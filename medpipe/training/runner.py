@@ -60,8 +60,8 @@ Splits = tuple[ImageSet, ImageSet, dict]   # training and validation sets, the s
 class TrainPaths:
     model: str             # a key of params.yaml's `models`
     seed: int              # the training seed (one of `seeds`)
-    train: Path            # data/processed/<train_set>.npz
-    val: Path              # data/processed/val.npz
+    train: Path            # data/processed/<train_set>
+    val: Path              # data/processed/val
     normalization: Path    # data/processed/normalization.json
     out: Path              # models/<model>/seed<seed>/
     live: Path             # plots/train/<model>/seed<seed>/ (DVCLive)

@@ -131,7 +131,7 @@ def test_stage_script_reports_unknown_feature_without_traceback(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"seed": 1, "dataset": "toy", "classical": {"features": ["sift"]}}))
     proc = subprocess.run([sys.executable, str(REPO / "stages/train_classical.py"), "--params", str(params),
-                           "--train", "train.npz", "--val", "val.npz", "--out", "models/classical"],
+                           "--train", "train", "--val", "val", "--out", "models/classical"],
                           capture_output=True, text=True, cwd=tmp_path, check=False)
     assert proc.returncode == 1
     assert "unknown feature ['sift']" in proc.stderr and "Traceback" not in proc.stderr
@@ -222,9 +222,9 @@ TIMING = ("second", "time", "duration", "elapsed")
 
 
 def stage_inputs(tmp_path: Path) -> ClassicalPaths:
-    imageset(45, seed=1).save(tmp_path / "train.npz")
-    imageset(30, seed=2).save(tmp_path / "val.npz")
-    return ClassicalPaths(tmp_path / "train.npz", tmp_path / "val.npz", tmp_path / "models/classical")
+    imageset(45, seed=1).save(tmp_path / "train")
+    imageset(30, seed=2).save(tmp_path / "val")
+    return ClassicalPaths(tmp_path / "train", tmp_path / "val", tmp_path / "models/classical")
 
 
 def stage_params(models: list[str]) -> dict:

@@ -1,6 +1,8 @@
 """Unit tests of the data stages' logic on small generated archives."""
 
 import json
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +12,8 @@ from medpipe import config
 from medpipe.data import registry
 from medpipe.data.augment import augment_and_balance, augment_one, balance_targets, build_transform
 from medpipe.config import AugmentConfig, ParamsError, SplitConfig
-from medpipe.data.imageset import ImageSet
+from medpipe.data import imageset
+from medpipe.data.imageset import ImageSet, concatenate
 from medpipe.data.preprocess import ArchiveError, class_folder_items, read_dataset
 from medpipe.data.registry import DatasetSpec, RegistryError
 from medpipe.data.splitting import group_images, near_duplicate_pairs, normalization_stats, split_dataset
@@ -110,11 +113,59 @@ def test_metadata_groups_are_attached(tmp_path):
     assert groups["benign (0).png"] == groups["benign (1).png"] == "L1" and groups["normal (0).png"] == ""
 
 
+def masked_set(labels) -> ImageSet:
+    data = make_set(labels)
+    return replace(data, masks=np.random.default_rng(1).integers(0, 2, (len(data), 8, 8), dtype=np.uint8))
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in sorted(folder.iterdir())}
+
+
 def test_imageset_round_trip_is_byte_identical(tmp_path):
-    data = make_set([0, 1, 1, 0])
-    data.save(tmp_path / "a.npz")
-    ImageSet.load(tmp_path / "a.npz").save(tmp_path / "b.npz")
-    assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
+    data = masked_set([0, 1, 1, 0])
+    data.save(tmp_path / "a")
+    ImageSet.load(tmp_path / "a").save(tmp_path / "b")
+    assert folder_bytes(tmp_path / "a") == folder_bytes(tmp_path / "b")
+    assert sorted(folder_bytes(tmp_path / "a")) == ["images.npy", "masks.npy", "metadata.npz"]
+
+
+def test_streamed_image_files_are_what_numpy_saves_for_the_whole_array(tmp_path, monkeypatch):
+    data = masked_set([0, 1, 1, 0, 1, 0, 0])
+    monkeypatch.setattr(imageset, "CHUNK_BYTES", 2 * 8 * 8 * 3)   # two images a chunk: four chunks
+    data.save(tmp_path / "set")
+    np.save(tmp_path / "whole.npy", data.images)
+    assert (tmp_path / "set" / "images.npy").read_bytes() == (tmp_path / "whole.npy").read_bytes()
+    loaded = ImageSet.load(tmp_path / "set")
+    assert isinstance(loaded.images, np.memmap) and not loaded.images.flags.writeable
+    assert np.array_equal(loaded.masks, data.masks) and np.array_equal(loaded.labels, data.labels)
+
+
+def test_subsets_and_concatenations_of_a_stored_set_read_the_right_rows(tmp_path):
+    data = masked_set([0, 1, 1, 0, 1, 0, 0])
+    data.save(tmp_path / "set")
+    stored = ImageSet.load(tmp_path / "set")
+    pick = np.array([6, 0, 3])
+    part = stored.subset(pick)
+    assert isinstance(part.images, imageset.Rows)   # nothing read yet
+    assert np.array_equal(np.asarray(part.images), data.images[pick])
+    assert np.array_equal(part.images[1:], data.images[pick[1:]]) and np.array_equal(part.images[0], data.images[6])
+    both = concatenate([stored, part]).subset(np.array([8, 1, 9]))
+    assert np.array_equal(np.asarray(both.images), data.images[[0, 1, 3]])
+    assert np.array_equal(np.asarray(both.masks), data.masks[[0, 1, 3]])
+    assert list(both.source_ids) == list(data.source_ids[[0, 1, 3]])
+
+
+def test_a_writer_that_fails_leaves_nothing(tmp_path):
+    data = masked_set([0, 1])
+    data.save(tmp_path / "set")
+    before = folder_bytes(tmp_path / "set")
+    with pytest.raises(RuntimeError, match="decode failed"):
+        with imageset.ImageSetWriter(tmp_path / "set", 8, data.class_names, with_masks=True) as writer:
+            writer.append(data)
+            raise RuntimeError("decode failed")
+    assert folder_bytes(tmp_path / "set") == before   # the old set is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]   # and no temporary folder is left
 
 
 # -- split ------------------------------------------------------------------------------------------------
@@ -179,6 +230,16 @@ def test_normalization_stats():
     stats = normalization_stats(images, "mean_std")
     assert stats["mean"] == [0.5, 0.5, 0.5] and stats["std"] == [0.5, 0.5, 0.5]
     assert normalization_stats(images, "unit")["std"] == [1.0, 1.0, 1.0]
+
+
+def test_normalization_stats_streamed_equal_the_whole_array_in_float64(tmp_path, monkeypatch):
+    images = np.random.default_rng(3).integers(0, 256, (50, 8, 8, 3), dtype=np.uint8)
+    images[:, :, :, 2] //= 3   # channels with different spreads
+    monkeypatch.setattr(imageset, "CHUNK_BYTES", 7 * 8 * 8 * 3)   # an uneven last chunk
+    pixels = images.reshape(-1, 3).astype(np.float64) / 255.0
+    stats = normalization_stats(images, "mean_std")
+    assert stats["mean"] == [round(float(m), 6) for m in pixels.mean(axis=0)]
+    assert stats["std"] == [round(float(v), 6) for v in pixels.std(axis=0)]
 
 
 # -- augment ---------------------------------------------------------------------------------------------
@@ -253,9 +314,9 @@ def test_registry_rejects_bad_checksum_format(tmp_path):
 def test_split_too_small_for_the_fractions_is_a_params_error(tmp_path):
     from medpipe.data.splitting import SplitPaths, run
 
-    make_set([0, 1, 0]).save(tmp_path / "images.npz")
+    make_set([0, 1, 0]).save(tmp_path / "images")
     (tmp_path / "report.json").write_text('{"skipped": []}')
-    paths = SplitPaths(tmp_path / "images.npz", tmp_path / "report.json", tmp_path / "out", tmp_path / "details.json",
+    paths = SplitPaths(tmp_path / "images", tmp_path / "report.json", tmp_path / "out", tmp_path / "details.json",
                        tmp_path / "data.json")
     with pytest.raises(ParamsError, match="3 images are too few for split.train/val/test = 0.7/0.15/0.15"):
         run({"dataset": "tiny", "split": {"near_duplicate_distance": -1}}, paths)
@@ -265,9 +326,9 @@ def test_split_too_small_for_the_fractions_is_a_params_error(tmp_path):
 def test_split_writes_a_small_headline_and_the_details_apart(tmp_path):
     from medpipe.data.splitting import SplitPaths, run
 
-    make_set([0, 1] * 20).save(tmp_path / "images.npz")
+    make_set([0, 1] * 20).save(tmp_path / "images")
     (tmp_path / "report.json").write_text('{"skipped": [{"file": "a.txt", "reason": "not an image"}]}')
-    paths = SplitPaths(tmp_path / "images.npz", tmp_path / "report.json", tmp_path / "out", tmp_path / "details.json",
+    paths = SplitPaths(tmp_path / "images", tmp_path / "report.json", tmp_path / "out", tmp_path / "details.json",
                        tmp_path / "data.json")
     parts = run({"dataset": "tiny", "split": {"near_duplicate_distance": -1}}, paths)
     headline = json.loads((tmp_path / "data.json").read_text())

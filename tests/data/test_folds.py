@@ -19,7 +19,7 @@ CLASSES = ("benign", "malignant", "normal")
 
 
 def write_pool(root: Path, duplicate: bool = False) -> tuple[ImageSet, ImageSet]:
-    """train.npz (30 + 15 + 12 images) and val.npz (6 + 4 + 3); with ``duplicate``, train's image t0 has a
+    """train (30 + 15 + 12 images) and val (6 + 4 + 3); with ``duplicate``, train's image t0 has a
     pixel-identical copy in val (the same content hash), as a near-duplicate missed by the split would."""
     train = distinct(make_set((30, 15, 12), size=16, seed=0, masks=True), "t", 0)
     val = distinct(make_set((6, 4, 3), size=16, seed=1, masks=True), "v", 1)
@@ -28,8 +28,8 @@ def write_pool(root: Path, duplicate: bool = False) -> tuple[ImageSet, ImageSet]
         hashes[0] = train.content_hashes[0]
         val = dataclasses.replace(val, content_hashes=hashes)
     root.mkdir(parents=True, exist_ok=True)
-    train.save(root / "train.npz")
-    val.save(root / "val.npz")
+    train.save(root / "train")
+    val.save(root / "val")
     return train, val
 
 
@@ -39,7 +39,7 @@ def params(folds: list[int], **cv) -> dict:
 
 
 def fold_paths(root: Path) -> FoldsPaths:
-    return FoldsPaths(train=root / "train.npz", val=root / "val.npz", out=root / "folds")
+    return FoldsPaths(train=root / "train", val=root / "val", out=root / "folds")
 
 
 def load_fold(root: Path, fold: int) -> dict[str, ImageSet]:

@@ -1,5 +1,5 @@
 """Public sources: a dataset built from files served in its repository's public layout (on 127.0.0.1) gives the
-same `data/interim/images.npz` as the offline copy; a tampered, truncated or unreachable source gives one clear
+same `data/interim/images` as the offline copy; a tampered, truncated or unreachable source gives one clear
 error and writes nothing; the recipes of the derived datasets work on generated images."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import re
 import shutil
 import threading
 import zipfile
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from PIL import Image
 
 from medpipe.data import download, preprocess, sources
 from medpipe.data.download import DownloadError, DownloadPaths
+from medpipe.data.imageset import ImageSet
 from medpipe.data.preprocess import PreprocessPaths
 from medpipe.data.registry import GreyThumbnailRecipe, MedmnistRecipe
 from medpipe.paths import repo_root
@@ -114,10 +116,11 @@ def serve_from_mirror(root: Path, dataset: str, public_root: Path, as_rgb: bool 
 
 def interim_arrays(params: dict, workdir: Path) -> dict[str, np.ndarray]:
     download.run(params, DownloadPaths(out=workdir / "raw"))
-    out = workdir / "interim" / "images.npz"
+    out = workdir / "interim" / "images"
     preprocess.run(params, PreprocessPaths(raw=workdir / "raw", out=out, report=workdir / "interim" / "report.json"))
-    with np.load(out) as data:
-        return {k: data[k] for k in data.files}, out.read_bytes()
+    data = ImageSet.load(out)
+    arrays = {f.name: np.asarray(getattr(data, f.name)) for f in fields(data) if getattr(data, f.name) is not None}
+    return arrays, {f.name: f.read_bytes() for f in sorted(out.iterdir())}
 
 
 @needs_mirror

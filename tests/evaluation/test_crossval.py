@@ -52,14 +52,14 @@ def train_fold_models(root: Path, p: dict) -> None:
 @pytest.fixture(scope="module")
 def cross_validated(tmp_path_factory):
     root = tmp_path_factory.mktemp("cv")
-    distinct(make_set((20, 12, 10), size=16, seed=0, masks=True), "t", 0).save(root / "train.npz")
-    distinct(make_set((5, 3, 3), size=16, seed=1, masks=True), "v", 1).save(root / "val.npz")
-    distinct(make_set((8, 6, 5), size=16, seed=2, masks=True), "x", 2).save(root / "test.npz")
+    distinct(make_set((20, 12, 10), size=16, seed=0, masks=True), "t", 0).save(root / "train")
+    distinct(make_set((5, 3, 3), size=16, seed=1, masks=True), "v", 1).save(root / "val")
+    distinct(make_set((8, 6, 5), size=16, seed=2, masks=True), "x", 2).save(root / "test")
     p = cv_params()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MEDPIPE_TRACKING", "off")
         mp.setenv("DVC_ROOT", str(root))
-        run_folds(p, FoldsPaths(root / "train.npz", root / "val.npz", root / "folds"))
+        run_folds(p, FoldsPaths(root / "train", root / "val", root / "folds"))
         train_fold_models(root, p)
         headline = run(p, paths(root))
     return root, headline
@@ -72,7 +72,7 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 def test_every_train_and_val_image_is_predicted_once_by_the_model_that_never_saw_it(cross_validated):
     root, _ = cross_validated
-    pool = {str(s) for split in ("train", "val") for s in ImageSet.load(root / f"{split}.npz").source_ids}
+    pool = {str(s) for split in ("train", "val") for s in ImageSet.load(root / f"{split}").source_ids}
     for name in ("cnn_a", "knn", "random_forest", "ensemble"):
         rows = read_csv(root / f"reports/predictions/out_of_fold/{name}.csv")
         assert Counter(r["source"] for r in rows) == Counter({s: 1 for s in pool}), name
@@ -84,14 +84,14 @@ def test_every_train_and_val_image_is_predicted_once_by_the_model_that_never_saw
         written = np.array([[float(rows[str(s)][f"p_{c}"]) for c in heldout.class_names] for s in heldout.source_ids])
         np.testing.assert_allclose(written, proba, atol=1e-6)
     # the U-Net: the pool's images with a lesion, each once
-    lesion = {str(s) for split in ("train", "val") for data in [ImageSet.load(root / f"{split}.npz")]
+    lesion = {str(s) for split in ("train", "val") for data in [ImageSet.load(root / f"{split}")]
               for s, m in zip(data.source_ids, data.masks, strict=True) if m.any()}
     assert {r["source"] for r in read_csv(root / "reports/predictions/out_of_fold/unet.csv")} == lesion
 
 
 def test_the_test_split_is_scored_by_the_average_of_the_fold_models(cross_validated):
     root, headline = cross_validated
-    test = ImageSet.load(root / "test.npz")
+    test = ImageSet.load(root / "test")
     mean = np.mean([load_any(root / f"models/cnn_a/seed1-fold{f}/model.pt").predict_proba(test.images)
                     for f in FOLDS], axis=0)
     written = compare.load_predictions(root / "reports/predictions/cnn_a.csv")
@@ -131,7 +131,7 @@ def test_the_champion_is_chosen_out_of_fold_and_its_file_serves_the_fold_average
     candidates = {name: values["balanced_accuracy"] for name, values in headline["out_of_fold"]["classifiers"].items()}
     if champion["model"] != "ensemble":  # the ensemble competes with its cross-fitted out-of-fold score
         assert champion["validation_score"] == pytest.approx(max(candidates.values()), abs=1e-4)
-    test = ImageSet.load(root / "test.npz")
+    test = ImageSet.load(root / "test")
     served = load_model(root / champion["file"]).predict_proba(test.images)
     written = compare.load_predictions(root / f"reports/predictions/{champion['model']}.csv")
     np.testing.assert_allclose(served, written.proba[0], atol=1e-6)
@@ -146,6 +146,6 @@ def test_folds_written_for_another_k_are_refused(cross_validated, tmp_path, monk
     for name in ("models", "folds"):
         shutil.copytree(root / name, tmp_path / name)
     for split in ("train", "val", "test"):
-        shutil.copy(root / f"{split}.npz", tmp_path / f"{split}.npz")
+        shutil.copytree(root / f"{split}", tmp_path / f"{split}")
     with pytest.raises(ParamsError, match="holds 3 folds but cv.folds asks for 2"):
         run(cv_params([0, 1]), paths(tmp_path))

@@ -97,7 +97,7 @@ def voted(trained, tmp_path_factory):  # noqa: F811  (the fixture imported above
     root = tmp_path_factory.mktemp("voted")
     shutil.copytree(trained / "models", root / "models")
     for split in ("train", "val", "test"):
-        shutil.copy(trained / f"{split}.npz", root / f"{split}.npz")
+        shutil.copytree(trained / f"{split}", root / f"{split}")
     set_validation(root, {("cnn_a", 1): 0.0, ("cnn_a", 2): 0.0, ("cnn_b", 1): 0.0, ("cnn_b", 2): 0.0,
                           "knn": 0.0, "random_forest": 0.0})
     with pytest.MonkeyPatch.context() as mp:
@@ -109,7 +109,7 @@ def voted(trained, tmp_path_factory):  # noqa: F811  (the fixture imported above
 
 def test_the_ensemble_is_a_headline_row_recomputable_from_its_predictions(voted):
     root, headline = voted
-    test = ImageSet.load(root / "test.npz")
+    test = ImageSet.load(root / "test")
     metrics = headline["classifiers"][ensemble.NAME]
     names, by_seed = classifier_rows(root / f"reports/predictions/{ensemble.NAME}.csv")
     assert sorted(by_seed) == PARAMS["seeds"]  # one vote per training seed
@@ -135,7 +135,7 @@ def test_the_ensemble_can_be_champion_and_medpipe_predict_serves_it(voted, monke
     assert all(m["weight"] > 0 for m in record["members"])
     assert record["temperature"] > 0 and record["temperature"] != 1.0   # the vote is served temperature-scaled
 
-    test = ImageSet.load(root / "test.npz")
+    test = ImageSet.load(root / "test")
     model = load_model(predict.resolve_model(None, Path("models"), Path("reports/evaluate/champion.json"), PARAMS))
     assert isinstance(model, SoftVoteClassifier) and model.class_names == test.class_names
     _, by_seed = classifier_rows(root / f"reports/predictions/{ensemble.NAME}.csv")
@@ -149,7 +149,7 @@ def test_an_ensemble_file_without_a_temperature_serves_the_plain_weighted_mean(v
     record = json.loads((root / "reports/evaluate/ensemble.json").read_text())
     old = root / "old_ensemble.json"
     old.write_text(json.dumps({"members": record["members"]}))
-    test = ImageSet.load(root / "test.npz")
+    test = ImageSet.load(root / "test")
     members = [(load_model(m["file"]), m["weight"]) for m in record["members"]]
     expected = sum(w * model.predict_proba(test.images) for model, w in members) / sum(w for _, w in members)
     np.testing.assert_allclose(load_any(old).predict_proba(test.images), expected, atol=1e-6)

@@ -272,7 +272,7 @@ def params(**changes) -> dict:
 
 
 def paths(root: Path) -> EvaluatePaths:
-    return EvaluatePaths(models=root / "models", test=root / "test.npz", val=root / "val.npz",
+    return EvaluatePaths(models=root / "models", test=root / "test", val=root / "val",
                          metrics=root / "metrics/evaluate.json", summary=root / "metrics/summary.md",
                          details=root / "reports/evaluate", predictions=root / "reports/predictions",
                          plots=root / "plots/evaluate", curves=root / "plots/train", folds=root / "folds")
@@ -288,16 +288,16 @@ def train_models(root: Path, p: dict) -> None:
     from medpipe.training.stage import TrainPaths
     from medpipe.training.stage import run as run_training
 
-    make_set(size=16, seed=0, masks=True).save(root / "train.npz")
-    make_set(size=16, seed=1, masks=True).save(root / "val.npz")
-    make_set(size=16, seed=2, masks=True).save(root / "test.npz")
+    make_set(size=16, seed=0, masks=True).save(root / "train")
+    make_set(size=16, seed=1, masks=True).save(root / "val")
+    make_set(size=16, seed=2, masks=True).save(root / "test")
     (root / "normalization.json").write_text(json.dumps({"mode": "mean_std", "mean": [0.3] * 3, "std": [0.25] * 3}))
     for name, run_stage in [(n, run_training) for n in p["classifiers"]] + [(n, run_segmenter) for n in p["segmenters"]]:
         for seed in p["seeds"]:
-            run_stage(p, TrainPaths(name, seed, root / "train.npz", root / "val.npz", root / "normalization.json",
+            run_stage(p, TrainPaths(name, seed, root / "train", root / "val", root / "normalization.json",
                                        root / f"models/{name}/seed{seed}", root / f"live/{name}/seed{seed}"))
-    run_classical(p, ClassicalPaths(root / "train.npz", root / "val.npz", root / "models/classical"))
-    run_pixel_classifier(p, PixelClassifierPaths(root / "train.npz", root / "val.npz", root / "models/pixel_classifier"))
+    run_classical(p, ClassicalPaths(root / "train", root / "val", root / "models/classical"))
+    run_pixel_classifier(p, PixelClassifierPaths(root / "train", root / "val", root / "models/pixel_classifier"))
 
 
 def set_validation(root: Path, scores: dict) -> None:
@@ -337,7 +337,7 @@ def workspace(trained, tmp_path, monkeypatch):
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     shutil.copytree(trained / "models", tmp_path / "models")
     for split in ("train", "val", "test"):
-        shutil.copy(trained / f"{split}.npz", tmp_path / f"{split}.npz")
+        shutil.copytree(trained / f"{split}", tmp_path / f"{split}")
     return tmp_path
 
 
@@ -347,7 +347,7 @@ def evaluated(trained, tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluated")
     shutil.copytree(trained / "models", root / "models")
     for split in ("train", "val", "test"):
-        shutil.copy(trained / f"{split}.npz", root / f"{split}.npz")
+        shutil.copytree(trained / f"{split}", root / f"{split}")
     set_validation(root, VALIDATION)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MEDPIPE_TRACKING", "off")
@@ -434,7 +434,7 @@ def test_headline_is_few_numbers_and_no_timings(evaluated):
 def test_every_headline_classifier_metric_is_recomputed_by_sklearn_from_the_predictions(evaluated):
     root, _ = evaluated
     saved = json.loads((root / "metrics/evaluate.json").read_text())
-    test = ImageSet.load(root / "test.npz")
+    test = ImageSet.load(root / "test")
     bins = EvaluateConfig.model_validate(PARAMS["evaluate"]).ece_bins
     for name, metrics in saved["classifiers"].items():
         names, by_seed = classifier_rows(root / f"reports/predictions/{name}.csv")
@@ -456,7 +456,7 @@ def test_every_headline_segmenter_metric_is_recomputed_from_the_predictions_and_
 
     root, _ = evaluated
     saved = json.loads((root / "metrics/evaluate.json").read_text())
-    test = ImageSet.load(root / "test.npz")
+    test = ImageSet.load(root / "test")
     lesion = np.flatnonzero(test.masks.reshape(len(test), -1).any(1))
     for name, metrics in saved["segmenters"].items():
         rows = read_csv(root / f"reports/predictions/{name}.csv")
@@ -564,7 +564,7 @@ def test_summary_shows_mean_and_std_over_seeds_and_the_verdict_against_the_champ
 def test_details_plots_figures_and_gradcam(evaluated):
     root, _ = evaluated
     details = json.loads((root / "reports/evaluate/details.json").read_text())
-    test = ImageSet.load(root / "test.npz")
+    test = ImageSet.load(root / "test")
     assert sorted(details["cnn_a"]["seeds"]) == ["1", "2"] and list(details["knn"]["seeds"]) == ["-"]
     for name in ("cnn_a", "knn"):
         for result in details[name]["seeds"].values():
@@ -629,7 +629,7 @@ def test_selected_models_only_and_a_missing_seed_is_skipped_with_a_reason(worksp
 def test_no_model_at_all_fails(workspace):
     shutil.rmtree(workspace / "models")
     (workspace / "models/stale_model/seed1").mkdir(parents=True)  # a folder params.yaml no longer selects
-    shutil.copy(workspace / "test.npz", workspace / "models/stale_model/seed1/model.pt")
+    shutil.copy(workspace / "test" / "metadata.npz", workspace / "models/stale_model/seed1/model.pt")
     with pytest.raises(NoModelError, match="no trained model"):
         run(params(classifiers=["cnn_a"], segmenters=[]), paths(workspace))
     assert not (workspace / "metrics/evaluate.json").exists()
@@ -717,14 +717,14 @@ def test_experiments_never_move_the_champion_alias_promotion_does(tmp_path, monk
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MEDPIPE_TRACKING", raising=False)
     for split, seed in (("train", 0), ("val", 1), ("test", 2)):
-        make_set(seed=seed).save(tmp_path / f"{split}.npz")
+        make_set(seed=seed).save(tmp_path / f"{split}")
     (tmp_path / "params.yaml").write_text("dataset: toy\n")
     client = MlflowClient(tracking_uri=store, registry_uri=store)  # not a store an earlier test set globally
 
     def experiment(models: list[str]) -> dict:
         p = classical_only(bootstrap_resamples=20, temperature_scaling=False)
         p["classical"]["models"] = models
-        run_classical(p, ClassicalPaths(tmp_path / "train.npz", tmp_path / "val.npz", tmp_path / "models/classical"))
+        run_classical(p, ClassicalPaths(tmp_path / "train", tmp_path / "val", tmp_path / "models/classical"))
         run(p, paths(tmp_path))
         return json.loads((tmp_path / "reports/evaluate/champion.json").read_text())
 

@@ -294,20 +294,20 @@ def _imageset(n, rng, masks=True):
 
 def _splits(tmp_path, rng, masks=True):
     for split, n in (("train", 12), ("val", 5)):
-        _imageset(n, rng, masks).save(tmp_path / f"{split}.npz")
+        _imageset(n, rng, masks).save(tmp_path / f"{split}")
     (tmp_path / "norm.json").write_text(json.dumps({"mode": "mean_std", "mean": [0.3] * 3, "std": [0.25] * 3}))
     return tmp_path
 
 
 def _unet_paths(root, seed=0) -> TrainPaths:
-    return TrainPaths("unet", seed, root / "train.npz", root / "val.npz", root / "norm.json",
+    return TrainPaths("unet", seed, root / "train", root / "val", root / "norm.json",
                       root / "models" / "unet" / f"seed{seed}", root / "plots" / "unet" / f"seed{seed}")
 
 
 def _pixel_paths(root):
     from medpipe.segmentation.pixel_classifier_stage import PixelClassifierPaths
 
-    return PixelClassifierPaths(root / "train.npz", root / "val.npz", root / "models" / "pixel_classifier")
+    return PixelClassifierPaths(root / "train", root / "val", root / "models" / "pixel_classifier")
 
 
 TINY = {
@@ -336,8 +336,8 @@ def test_both_stages_skip_with_a_reason_on_a_dataset_without_masks(tmp_path, mas
 
     root = _splits(tmp_path, np.random.default_rng(0), masks=masks is not False)
     if masks == "empty":  # masks exist, but no training image has a lesion
-        train = ImageSet.load(root / "train.npz")
-        ImageSet(**{**train.__dict__, "masks": np.zeros_like(train.masks)}).save(root / "train.npz")
+        train = ImageSet.load(root / "train")
+        ImageSet(**{**train.__dict__, "masks": np.zeros_like(train.masks)}).save(root / "train")
     for run, paths, model_file in ((stage.run, _unet_paths(root), "model.pt"),
                                    (pixel_stage.run, _pixel_paths(root), "model.joblib")):
         result = run(TINY, paths)
@@ -420,7 +420,7 @@ def test_both_segmenters_are_registered_in_mlflow_and_served_as_they_predict(tmp
     unet, pixel = _unet_paths(root), _pixel_paths(root)
     stage.run(TINY, unet)
     pixel_stage.run(TINY, pixel)
-    val = ImageSet.load(root / "val.npz")
+    val = ImageSet.load(root / "val")
     for name, model_file in (("unet", unet.out / "model.pt"), ("pixel_classifier", pixel.out / "model.joblib")):
         version = find_model_version(model_file)
         assert version is not None and version.name == f"medpipe-toy-{name}" and int(version.version) == 1

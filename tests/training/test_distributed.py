@@ -169,7 +169,7 @@ def test_several_processes_need_the_stage_command(tmp_path, monkeypatch):
     """Called from Python (here: pytest), the stage cannot run its own command again: a clear error, no output."""
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    paths = stage.TrainPaths("cnn_two_conv", 0, tmp_path / "t.npz", tmp_path / "v.npz", tmp_path / "n.json",
+    paths = stage.TrainPaths("cnn_two_conv", 0, tmp_path / "t", tmp_path / "v", tmp_path / "n.json",
                              tmp_path / "out", tmp_path / "live")
     params = {"seed": 0, "seeds": [0], "dataset": "tiny", "train": fast_train(processes=2, device="cpu"),
               "models": {"cnn_two_conv": TINY_MODELS["cnn_two_conv"]}}
@@ -190,8 +190,8 @@ def test_the_train_stage_in_two_processes_learns_and_writes_what_one_process_wri
     data.mkdir()
     train_images, train_labels = easy_images(24, seed=0)
     val_images, val_labels = easy_images(8, seed=1)
-    imageset(train_images, train_labels).save(data / "train.npz")
-    imageset(val_images, val_labels).save(data / "val.npz")
+    imageset(train_images, train_labels).save(data / "train")
+    imageset(val_images, val_labels).save(data / "val")
     (data / "norm.json").write_text(json.dumps({"mode": "mean_std", "mean": [0.4] * 3, "std": [0.3] * 3}))
     recipe = fast_train(processes=2, device="cpu", epochs=4, batch_size=8)   # gloo on CPU, even beside a GPU
     params = {"seed": 0, "seeds": [0], "dataset": "tiny", "train": recipe,
@@ -203,7 +203,7 @@ def test_the_train_stage_in_two_processes_learns_and_writes_what_one_process_wri
     for name in ("LOCAL_RANK", "WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     command = [sys.executable, "-m", "stages.train", "--params", str(data / "params.yaml"), "--model",
-               "cnn_two_conv", "--seed", "0", "--train", str(data / "train.npz"), "--val", str(data / "val.npz"),
+               "cnn_two_conv", "--seed", "0", "--train", str(data / "train"), "--val", str(data / "val"),
                "--normalization", str(data / "norm.json"), "--out", str(out), "--live", str(live)]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -223,7 +223,7 @@ def test_the_train_stage_in_two_processes_learns_and_writes_what_one_process_wri
     assert [row.split("\t")[0] for row in loss[1:]] == ["1", "2", "3", "4"]
 
     # exactly the files one process writes, once: nothing from rank 1, no temporary folder left behind
-    single = stage.TrainPaths("cnn_two_conv", 0, data / "train.npz", data / "val.npz", data / "norm.json",
+    single = stage.TrainPaths("cnn_two_conv", 0, data / "train", data / "val", data / "norm.json",
                               tmp_path / "single" / "out", tmp_path / "single" / "live")
     stage.run({**params, "train": {**params["train"], "processes": 1, "epochs": 1}}, single)
     assert tree(out) == tree(single.out) == {"model.pt", "validation.json"}

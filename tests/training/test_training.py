@@ -368,20 +368,20 @@ def no_mlflow(monkeypatch, tmp_path):
 
 @pytest.fixture
 def data(tmp_path):
-    """train.npz / val.npz (separable classes, each image with a square lesion and its mask) and normalization.json."""
+    """train / val (separable classes, each image with a square lesion and its mask) and normalization.json."""
     train_images, train_labels = easy_images(20, seed=0)
     val_images, val_labels = easy_images(8, seed=1)
     train_images, train_masks = with_lesions(train_images, seed=0)
     val_images, val_masks = with_lesions(val_images, seed=1)
-    imageset(train_images, train_labels, train_masks).save(tmp_path / "train.npz")
-    imageset(val_images, val_labels, val_masks).save(tmp_path / "val.npz")
+    imageset(train_images, train_labels, train_masks).save(tmp_path / "train")
+    imageset(val_images, val_labels, val_masks).save(tmp_path / "val")
     (tmp_path / "norm.json").write_text(json.dumps({"mode": "mean_std", "mean": [0.4] * 3, "std": [0.3] * 3}))
     return tmp_path
 
 
 def train_paths(root, model: str = "cnn_two_conv", seed: int = 0) -> stage.TrainPaths:
     """The paths dvc.yaml gives the stage of ``model`` and ``seed``."""
-    return stage.TrainPaths(model, seed, root / "train.npz", root / "val.npz", root / "norm.json",
+    return stage.TrainPaths(model, seed, root / "train", root / "val", root / "norm.json",
                             root / "models" / model / f"seed{seed}", root / "plots" / model / f"seed{seed}")
 
 
@@ -644,8 +644,8 @@ def test_unavailable_imagenet_weights_stop_the_stage_before_any_training(data, m
 
 
 def test_splits_with_different_classes_are_refused(data):
-    val = ImageSet.load(data / "val.npz")
-    ImageSet(**{**val.__dict__, "class_names": ("x", "y", "z")}).save(data / "val.npz")
+    val = ImageSet.load(data / "val")
+    ImageSet(**{**val.__dict__, "class_names": ("x", "y", "z")}).save(data / "val")
     with pytest.raises(config.ParamsError, match="different classes"):
         stage.run(cnn_params(), train_paths(data))
 
