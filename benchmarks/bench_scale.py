@@ -12,9 +12,10 @@ registers the zip (no crop, `--image-size`) and whose params.yaml selects it, no
 and `efficientnet_lite0` at one epoch; then it runs the chosen stages one at a time, `dvc repro -s STAGE`
 in DAG order, with the zip's folder as the offline copy (`$MEDPIPE_DATA_MIRROR`).
 
-Per stage: wall seconds, N / seconds, peak resident memory (that of the largest single process of the
-stage's tree, as GNU time's %M reports it: the preprocess workers are not summed) and the bytes of the
-stage's outputs as dvc.lock records them. Per N: the disk used by `data/`, `.dvc/cache` and both (hard links
+Before the stages, the bound of preprocessing: JPEG decoding and resizing alone, in 2 processes, on the
+first `--bound` images. Per stage: wall seconds, N / seconds, peak resident memory (that of the largest single
+process of the stage's tree, as GNU time's %M reports it: the preprocess workers are not summed) and the
+bytes of the stage's outputs as dvc.lock records them. Per N: the disk used by `data/`, `.dvc/cache` and both (hard links
 counted once) and the cache link type (DVC's default, copy, unless --link-type). A failing stage ends its
 N (the later stages depend on it): its return code and error line are printed, its log is kept under
 WORKDIR. At the end: a markdown table and the machine. The generation time is printed apart: it is not a
@@ -42,6 +43,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import cv2
 import numpy as np
 import yaml
 from PIL import Image, ImageDraw
@@ -49,6 +51,7 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from medpipe.data import imaging  # noqa: E402
 from tests.dvc_project import commit, copy_repository, run  # noqa: E402
 
 CLASSES = ("a", "b", "c")
@@ -94,6 +97,35 @@ def jpeg_member(job: tuple[int, int]) -> tuple[str, bytes]:
     buffer = io.BytesIO()
     synthetic_image(index, size).save(buffer, format="JPEG", quality=90)
     return f"root/{CLASSES[index % len(CLASSES)]}/{index}.jpg", buffer.getvalue()
+
+
+_zip: zipfile.ZipFile | None = None
+
+
+def _open_zip(archive: str) -> None:
+    global _zip
+    cv2.setNumThreads(1)   # one OpenCV thread per process, as in the preprocess workers
+    _zip = zipfile.ZipFile(archive)
+
+
+def _decode_and_resize(job: tuple[str, int]) -> None:
+    name, size = job
+    imaging.resize_image(imaging.decode_image(_zip.read(name)), size)
+
+
+def decode_bound(archive: Path, image_size: int, limit: int, processes: int = 2) -> float:
+    """Images per second that reading, JPEG decoding and resizing alone reach on ``processes`` processes (the
+    first ``limit`` images of the zip): the physical bound of the preprocess stage."""
+    with zipfile.ZipFile(archive) as zf:
+        jobs = [(name, image_size) for name in sorted(zf.namelist())[:limit]]
+    context = multiprocessing.get_context("spawn")   # the workers hold the images, this process does not
+    with context.Pool(processes, initializer=_open_zip, initargs=(str(archive),)) as pool:
+        pool.map(_open_zip, [str(archive)] * processes)   # started before the clock
+        start = time.perf_counter()
+        for _ in pool.imap_unordered(_decode_and_resize, jobs, chunksize=32):
+            pass
+        seconds = time.perf_counter() - start
+    return len(jobs) / seconds
 
 
 def dataset_name(n: int, source_size: int) -> str:
@@ -296,6 +328,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="outside the checkout; the zips are cached under WORKDIR/datasets")
     parser.add_argument("--link-type", metavar="TYPES",
                         help="set the copy's `dvc config cache.type`, e.g. reflink,hardlink,symlink,copy")
+    parser.add_argument("--bound", type=int, default=2000, metavar="K",
+                        help="time JPEG decode + resize alone on the first K images (0: skip)")
     parser.add_argument("--keep", action="store_true", help="keep the repository copies")
     parser.add_argument("--clean", action="store_true", help="also delete the generated zips at the end")
     args = parser.parse_args(argv)
@@ -312,6 +346,10 @@ def main(argv: list[str] | None = None) -> None:
             seconds = generate_zip(archive, n, args.source_size)
             made = f"generated in {seconds:.1f} s ({n / seconds:.0f} img/s)" if seconds else "cached"
             print(f"N={n}: {archive} {archive.stat().st_size / MB:.1f} MB, {made}", flush=True)
+            if args.bound:
+                rate = decode_bound(archive, args.image_size, min(n, args.bound))
+                print(f"N={n}: bound: JPEG decode + resize to {args.image_size} px alone, 2 processes: "
+                      f"{rate:.0f} img/s (first {min(n, args.bound)} images)", flush=True)
             base = workdir / f"n{n}-s{args.source_size}-i{args.image_size}"
             try:
                 rows += run_n(n, args, archive, base)

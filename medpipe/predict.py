@@ -116,9 +116,15 @@ def resolve_model(model: str | None, models_dir: Path, champion_file: Path, para
     return max(known, key=lambda m: m.validation().get("balanced_accuracy") or 0.0).path
 
 
+FILES_AT_ONCE = 256   # images decoded and predicted together: memory stays flat however many files are given
+
+
 def predict_files(model: Any, files: Sequence[Path], prep: Preprocessing) -> np.ndarray:
-    images = np.stack([prep.load(p) for p in files])
-    return np.asarray(model.predict_proba(images), dtype=np.float64)
+    """(N, C) class probabilities of the files, decoded and predicted ``FILES_AT_ONCE`` at a time."""
+    return np.concatenate([
+        np.asarray(model.predict_proba(np.stack([prep.load(p) for p in files[start:start + FILES_AT_ONCE]])),
+                   dtype=np.float64)
+        for start in range(0, len(files), FILES_AT_ONCE)])
 
 
 def write_table(files: Sequence[Path], proba: np.ndarray, class_names: Sequence[str], fmt: str, out) -> None:

@@ -59,7 +59,9 @@ def dataset(tmp_path, monkeypatch):
     return {"folder": folder, "params": params, "data": data, "model": model_path}
 
 
-def test_predict_on_a_folder_equals_the_evaluation(dataset):
+@pytest.mark.parametrize("at_once", [predict.FILES_AT_ONCE, 5])   # 5: 12 files in three batches
+def test_predict_on_a_folder_equals_the_evaluation(dataset, at_once, monkeypatch):
+    monkeypatch.setattr(predict, "FILES_AT_ONCE", at_once)
     out = io.StringIO()
     proba = predict.run([str(dataset["folder"]), "--model", str(dataset["model"]),
                          "--params", str(dataset["params"]), "--format", "json"], out=out)

@@ -16,6 +16,7 @@ holds one chunk of pixels at a time whatever the number of images. The ``.npy`` 
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Iterator
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -31,11 +32,22 @@ METADATA_FILE = "metadata.npz"
 CHUNK_BYTES = 32 * 2**20  # pixels a streaming stage holds at once (per array)
 
 
+def release_pages(array: np.ndarray, first: int, last: int) -> None:
+    """Unmap rows ``first..last`` of a memory-mapped array once they are read: their pages stay in the page
+    cache, but leave the process's resident memory, which then holds what it copied out and nothing more."""
+    if not (isinstance(array, np.memmap) and isinstance(array.base, mmap.mmap)) or last < first:
+        return   # in memory, or a view of a mapping (whose start in the mapping is unknown here)
+    data = array.offset % mmap.ALLOCATIONGRANULARITY   # where the rows start in the mapping (np.memmap's rule)
+    start = data + first * array.strides[0]
+    aligned = start - start % mmap.PAGESIZE
+    array.base.madvise(mmap.MADV_DONTNEED, aligned, data + (last + 1) * array.strides[0] - aligned)
+
+
 class Rows:
     """Rows ``index`` of one or several memory-mapped arrays stacked along the first axis, read on access.
 
-    Indexing with an int, a slice or an index array reads just those rows (an ``np.ndarray``);
-    ``np.asarray(rows)`` reads them all.
+    Indexing with an int, a slice or an index array reads just those rows (an ``np.ndarray``) and unmaps
+    them again (:func:`release_pages`); ``np.asarray(rows)`` reads them all.
     """
 
     def __init__(self, parts: list[np.ndarray], index: np.ndarray | None = None) -> None:
@@ -71,12 +83,19 @@ class Rows:
         for p, part in enumerate(self.parts):
             at = np.flatnonzero(part_of == p)
             if len(at):
-                out[at] = part[wanted[at] - self.starts[p]]
+                rows = wanted[at] - self.starts[p]
+                out[at] = part[rows]
+                release_pages(part, int(rows.min()), int(rows.max()))
         return out
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         out = self[:]
         return out if dtype is None else out.astype(dtype, copy=False)
+
+
+def as_rows(array):
+    """A memory-mapped array as :class:`Rows` (reads that unmap what they read); anything else as it is."""
+    return Rows([array]) if isinstance(array, np.memmap) else array
 
 
 def _is_on_disk(array) -> bool:

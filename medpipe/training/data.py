@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import WeightedRandomSampler
 
+from medpipe.data.imageset import as_rows
 from medpipe.config import ParamsError
 from medpipe.training.augment import BatchAugment
 from medpipe.training.config import OnlineAugmentConfig
@@ -112,9 +113,9 @@ class ArrayBatches:
             raise ValueError(f"rank {rank} is not one of the {world_size} processes")
         if images.dtype != np.uint8 or images.ndim != 4:
             raise ValueError(f"expected uint8 (N, H, W, C) images, got {images.dtype} {images.shape}")
-        self.images = images   # (N, H, W, C), in memory or memory-mapped: each batch reads its own rows
+        self.images = as_rows(images)   # (N, H, W, C), in memory or memory-mapped: each batch reads its own rows
         # masks are read a batch at a time, as the images are; labels are small and live in memory
-        self.targets = targets if targets_are_masks else torch.from_numpy(np.asarray(targets, dtype=np.int64))
+        self.targets = as_rows(targets) if targets_are_masks else torch.from_numpy(np.asarray(targets, dtype=np.int64))
         self.batch_size, self.size, self.mean, self.std = batch_size, size, mean, std
         self.shuffle, self.drop_last, self.targets_are_masks = shuffle, drop_last, targets_are_masks
         self.rank, self.world_size = rank, world_size

@@ -336,3 +336,24 @@ def test_split_writes_a_small_headline_and_the_details_apart(tmp_path):
                         "dropped": 0, "skipped": 1}
     details = json.loads((tmp_path / "details.json").read_text())
     assert details["skipped"]["by_reason"] == {"not an image": 1} and details["classes"] == list(parts["train"].class_names)
+
+
+def mapped_file_kb() -> int:
+    """This process's resident memory that maps files (Linux: RssFile in /proc/self/status)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    pytest.skip("no RssFile in /proc/self/status")
+
+
+def test_reading_a_stored_set_in_chunks_keeps_no_pages_mapped(tmp_path):
+    """A stage streaming a set holds one chunk: the rows it has read leave its resident memory again."""
+    images = np.random.default_rng(0).integers(0, 256, (400, 128, 128, 3), dtype=np.uint8)   # 19.7 MB
+    np.save(tmp_path / "images.npy", images)
+    stored = np.load(tmp_path / "images.npy", mmap_mode="r")
+    before = mapped_file_kb()
+    rows = imageset.Rows([stored])
+    assert all(np.array_equal(rows[i:i + 50], images[i:i + 50]) for i in range(0, 400, 50))
+    assert mapped_file_kb() - before < 2_000
+    np.asarray(stored).sum()   # the mapping read directly keeps every page it touched
+    assert mapped_file_kb() - before > 15_000
