@@ -104,11 +104,7 @@ def _is_on_disk(array) -> bool:
 
 def _select(array, index: np.ndarray):
     """Rows ``index`` of ``array``: unread when the array is on disk, an in-memory copy otherwise."""
-    if isinstance(array, Rows):
-        return array.take(index)
-    if isinstance(array, np.memmap):
-        return Rows([array]).take(index)
-    return array[index]
+    return as_rows(array).take(index) if _is_on_disk(array) else array[index]
 
 
 def chunk_rows(row_bytes: int) -> int:
