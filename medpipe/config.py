@@ -43,6 +43,10 @@ def source(params: dict) -> str:
     return str(getattr(params, "path", PARAMS_FILE))
 
 
+# the classification metrics a model can be chosen by (medpipe.metrics.classification_metrics computes them)
+ValidationMetric = Literal["accuracy", "balanced_accuracy", "f1_macro", "roc_auc"]
+
+
 class Strict(BaseModel):
     # strict: "12" is not 12, "yes" and 1 are not true; a YAML value of the wrong type is an error, not a guess
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
@@ -81,7 +85,9 @@ class SplitConfig(Strict):
     seed: int = 42
     near_duplicate_distance: int = Field(4, ge=-1, le=64)
     conflicting_labels: Literal["drop", "keep"] = "drop"
-    use_source_split: bool = False
+    # false: the pipeline's own split; true: the source's train/val/test, duplicates of a test image moved to test
+    # (leak-free for sources whose folders leak); exact: the source's split untouched, as a benchmark scores it
+    use_source_split: bool | Literal["exact"] = False
     normalization: Literal["mean_std", "unit"] = "mean_std"
 
     @model_validator(mode="after")

@@ -67,9 +67,10 @@ MAY_USE: dict[str, tuple[tuple[str, ...], str]] = {
                         "the classical models use their features (with the frozen EfficientNet-Lite0 backbone) and "
                         "scikit-learn; no deep training engine, classifier head registry or segmentation"),
     "evaluate": (("medpipe/evaluation/", "medpipe/metrics.py", "medpipe/segmentation/metrics.py",
-                  "medpipe/segmentation/viz.py", *LOADERS, *TRACKING),
+                  "medpipe/segmentation/viz.py", "medpipe/data/registry.py", *LOADERS, *TRACKING),
                  "evaluate loads and scores models: their loaders and prediction code, never a training stage "
-                 "(training loop, optimiser, fit code), so a change there reaches it only through new models"),
+                 "(training loop, optimiser, fit code), so a change there reaches it only through new models; "
+                 "the registry gives the dataset's benchmark metric"),
 }
 
 # a training stage on a cross-validation fold runs the same script as its hold-out stage, on the fold's data

@@ -280,7 +280,11 @@ def _medmnist_results(spec: DatasetSpec, archive: Path, crop: str,
     """Each image of the MedMNIST file's train, val and test arrays with its result, a chunk read at a time."""
     index_to_label = {int(v): i for i, v in enumerate(spec.classes.values())}
     for split in ("train", "val", "test"):
-        labels = np.concatenate(list(npz_rows(archive, f"{split}_labels"))).reshape(-1)
+        labels = np.concatenate(list(npz_rows(archive, f"{split}_labels")))
+        if labels.ndim > 1 and labels.shape[1] != 1:
+            raise ArchiveError(f"{archive}: {split}_labels has {labels.shape[1]} labels per image (a multi-label "
+                               "task such as ChestMNIST): every classifier here predicts one class per image")
+        labels = labels.reshape(-1)
         position = 0
         for chunk in npz_rows(archive, f"{split}_images"):
             if chunk.ndim == 3:

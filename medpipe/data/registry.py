@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from medpipe.config import ValidationMetric
 from medpipe.errors import UserError
 from medpipe.paths import repo_root
 
@@ -122,6 +123,8 @@ class DatasetSpec(_Strict):
     compose: tuple[Component, ...] = ()
     crop: Literal["brain_contour", "scan_area", "none"] = "none"
     image_size: int = Field(128, ge=8, le=1024)
+    # the metric the dataset's published benchmark ranks by: what `evaluate.champion_metric: auto` chooses with
+    benchmark_metric: ValidationMetric | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> DatasetSpec:

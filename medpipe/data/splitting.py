@@ -144,9 +144,15 @@ class SplitResult:
 
 
 def split_dataset(data: ImageSet, fractions: tuple[float, float, float], seed: int, max_distance: int,
-                  conflicting_labels: str = "drop", use_source_split: bool = False) -> SplitResult:
-    """Stratified grouped split: a duplicate group or metadata group never straddles two splits."""
+                  conflicting_labels: str = "drop", use_source_split: bool | str = False) -> SplitResult:
+    """Stratified grouped split: a duplicate group or metadata group never straddles two splits.
+
+    ``use_source_split``: True follows the source's own split, a group with a test image going to test;
+    ``"exact"`` keeps every image in its source split (:func:`exact_source_split`).
+    """
     grouping = group_images(data, max_distance)
+    if use_source_split == "exact" and (data.source_splits != "").any():
+        return exact_source_split(data, grouping, fractions, seed)
     group_of = grouping.group_of   # groups are numbered 0..G-1
     groups, group_labels, disagree = majority_labels(group_of, data.labels, data.num_classes)
     sizes = np.bincount(group_of)[groups]
@@ -171,6 +177,41 @@ def split_dataset(data: ImageSet, fractions: tuple[float, float, float], seed: i
         split_of[drop] = -1
         dropped = int(drop.sum())
     return SplitResult(split_of, grouping, dropped)
+
+
+def exact_source_split(data: ImageSet, grouping: Grouping, fractions: tuple[float, float, float],
+                       seed: int) -> SplitResult:
+    """Every image in its source split, nothing moved or dropped: a benchmark's test set as published.
+
+    Duplicates across the splits stay where the source put them; the split report lists them
+    (:func:`cross_split_duplicates`). A source without a validation split gives one carved out of its training
+    images (stratified, whole duplicate groups); images the source left unassigned go to train.
+    """
+    split_of = np.select([data.source_splits == "test", data.source_splits == "val"], [2, 1], 0).astype(np.int64)
+    if not (split_of == 1).any():
+        in_train = np.flatnonzero(split_of == 0)
+        group_of = np.unique(grouping.group_of[in_train], return_inverse=True)[1]
+        groups, group_labels, _ = majority_labels(group_of, data.labels[in_train], data.num_classes)
+        val_share = fractions[1] / (fractions[0] + fractions[1])
+        sub = assign_groups(groups, group_labels, np.bincount(group_of)[groups], (1 - val_share, val_share),
+                            np.random.default_rng(seed))
+        split_of[in_train[sub[group_of] == 1]] = 1
+    return SplitResult(split_of, grouping, 0)
+
+
+def cross_split_duplicates(result: SplitResult, source_ids: np.ndarray, limit: int = 50) -> dict:
+    """The duplicate groups (pixel-identical, near-duplicate or one metadata group) whose images sit in more than one
+    split: how many test images have a copy in train or val, and the first ``limit`` groups' source ids by split."""
+    split_of, group_of = result.split_of, result.grouping.group_of
+    kept = split_of >= 0
+    splits_per_group = np.zeros((group_of.max() + 1, len(SPLITS)), dtype=bool)
+    splits_per_group[group_of[kept], split_of[kept]] = True
+    straddling = np.flatnonzero(splits_per_group.sum(axis=1) > 1)
+    leaked_test = int(np.isin(group_of, straddling)[split_of == 2].sum())
+    members = group_members(group_of)
+    listed = [{SPLITS[s]: sorted(str(i) for i in source_ids[members[g]][split_of[members[g]] == s])
+               for s in range(len(SPLITS)) if splits_per_group[g, s]} for g in straddling[:limit]]
+    return {"groups": len(straddling), "test_images_with_a_copy_elsewhere": leaked_test, "first_groups": listed}
 
 
 def channel_histograms(images) -> np.ndarray:
@@ -258,5 +299,17 @@ def split_details(dataset: str, data: ImageSet, parts: dict[str, ImageSet], resu
             "dropped_images": result.dropped,
         },
         "conflicting_label_groups": grouping.conflicting_groups[:50],
+        "duplicates_across_splits": cross_split_duplicates(result, data.source_ids),
+        "moved_from_source_split": moved_from_source_split(result.split_of, data.source_splits),
         "skipped": {"total": len(skipped), "by_reason": dict(Counter(s["reason"] for s in skipped))},
     }
+
+
+def moved_from_source_split(split_of: np.ndarray, source_splits: np.ndarray) -> dict[str, int]:
+    """{"<source split> -> <split>": images} for the images of a source with its own split that ended elsewhere
+    (dropped: ``-> dropped``); empty when nothing moved or the source has no split."""
+    moves: Counter = Counter()
+    for source, split in zip(source_splits, split_of, strict=True):
+        if source and (split < 0 or source != SPLITS[split]):
+            moves[f"{source} -> {SPLITS[split] if split >= 0 else 'dropped'}"] += 1
+    return dict(sorted(moves.items()))

@@ -6,9 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from medpipe.config import Strict
-
-ValidationMetric = Literal["accuracy", "balanced_accuracy", "f1_macro", "roc_auc"]
+from medpipe.config import Strict, ValidationMetric
 
 
 class TTAConfig(Strict):
@@ -39,7 +37,9 @@ class EvaluateConfig(Strict):
     temperature_scaling: bool = True   # fit T on the validation split, report calibration before/after
     tta: TTAConfig = TTAConfig()
     ensemble: EnsembleConfig = EnsembleConfig()
-    champion_metric: ValidationMetric = "balanced_accuracy"  # validation metric that picks the champion
+    # validation metric that picks the champion; auto: the one the dataset's benchmark reports (datasets.yaml
+    # `benchmark_metric`), else balanced_accuracy
+    champion_metric: ValidationMetric | Literal["auto"] = "auto"
     gradcam: bool = True
     gradcam_per_class: int = Field(3, ge=0, le=20)  # test images per class in the Grad-CAM figure
     gradcam_method: Literal["gradcam", "gradcam++", "layercam"] = "gradcam"

@@ -34,6 +34,7 @@ import numpy as np
 from medpipe import config
 from medpipe.config import CVConfig
 from medpipe.data.imageset import ImageSet, images_with_lesion
+from medpipe.data.registry import get_spec
 from medpipe.errors import UserError
 from medpipe.evaluation import compare, crossval, curves, ensemble
 from medpipe.evaluation.classify import reference_proba, score_classifier
@@ -337,8 +338,17 @@ def out_of_fold_details(p: compare.Predictions, cfg: EvaluateConfig) -> dict[str
     return {"images": len(p.images), "headline_per_seed": per_seed_headline(p, cfg.ece_bins), "seed_mean": summary}
 
 
+def champion_metric(cfg: EvaluateConfig, params: dict) -> str:
+    """``evaluate.champion_metric``, with ``auto`` read as the dataset's ``benchmark_metric`` (datasets.yaml), else
+    balanced accuracy (fair to every class when the classes are imbalanced and no benchmark says otherwise)."""
+    if cfg.champion_metric != "auto":
+        return cfg.champion_metric
+    return get_spec(config.dataset_name(params)).benchmark_metric or "balanced_accuracy"
+
+
 def run(params: dict, paths: EvaluatePaths) -> dict[str, Any]:
     cfg = config.load_section(params, "evaluate", EvaluateConfig)
+    cfg = cfg.model_copy(update={"champion_metric": champion_metric(cfg, params)})
     cleanup = config.load_section(params, "segment", SegmentConfig).cleanup
     cv = config.load_section(params, "cv", CVConfig)
     seed = config.global_seed(params)

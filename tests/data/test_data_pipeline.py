@@ -16,8 +16,10 @@ from medpipe.data import imageset
 from medpipe.data.imageset import ImageSet, concatenate
 from medpipe.data.preprocess import ArchiveError, class_folder_items, read_dataset
 from medpipe.data.registry import DatasetSpec, RegistryError
-from medpipe.data.splitting import group_images, near_duplicate_pairs, normalization_stats, split_dataset
+from medpipe.data.splitting import (cross_split_duplicates, group_images, moved_from_source_split, near_duplicate_pairs,
+                                    normalization_stats, split_dataset)
 from tests.conftest import make_class_zip, png_bytes
+from tests.data.test_sources import MIRROR
 from tests.data.test_imaging import bomb_png
 
 
@@ -224,6 +226,45 @@ def test_source_split_is_honoured_only_when_asked():
     assert (ignored.split_of[:40] == 2).any()
 
 
+def test_exact_source_split_keeps_every_image_where_the_source_put_it():
+    """A benchmark's official test set as published: a training image duplicating a test image stays in train
+    (use_source_split=true moves it to test), a conflicting-label pair is kept, and the report lists the copies."""
+    labels = [0, 1] * 30
+    hashes = [f"h{i}" for i in range(60)]
+    hashes[0] = hashes[50]                       # train image 0 = test image 50 (same label)
+    hashes[3], hashes[55] = "x", "x"             # train image 3 (label 1) = test image 55 (label 1)
+    hashes[6], hashes[52] = "y", "y"             # train image 6 (label 0) = test image 52 (label 0)
+    hashes[7], hashes[53] = "z", "z"             # train image 7 (label 1) = test image 53 (label 1)
+    data = make_set(labels, hashes=hashes)
+    sources = np.array(["train"] * 40 + ["val"] * 8 + ["test"] * 12)
+    data = ImageSet(**{**data.__dict__, "source_splits": sources})
+    exact = split_dataset(data, (0.7, 0.15, 0.15), 0, -1, use_source_split="exact")
+    assert exact.split_of.tolist() == [0] * 40 + [1] * 8 + [2] * 12 and exact.dropped == 0
+    report = cross_split_duplicates(exact, data.source_ids)
+    assert report["groups"] == 4 and report["test_images_with_a_copy_elsewhere"] == 4
+    assert {"train": ["img0"], "test": ["img50"]} in report["first_groups"]
+    assert moved_from_source_split(exact.split_of, sources) == {}
+    grouped = split_dataset(data, (0.7, 0.15, 0.15), 0, -1, use_source_split=True)
+    assert (grouped.split_of[[0, 3, 6, 7]] == 2).all()
+    assert moved_from_source_split(grouped.split_of, sources) == {"train -> test": 4}
+    assert cross_split_duplicates(grouped, data.source_ids)["groups"] == 0
+
+
+def test_exact_source_split_carves_validation_out_of_train_only():
+    data = make_set([0, 1] * 40)
+    sources = np.array(["train"] * 60 + ["test"] * 20)
+    data = ImageSet(**{**data.__dict__, "source_splits": sources})
+    exact = split_dataset(data, (0.7, 0.15, 0.15), 0, -1, use_source_split="exact")
+    assert (exact.split_of[60:] == 2).all() and set(exact.split_of[:60]) == {0, 1}
+    assert 6 <= (exact.split_of == 1).sum() <= 14   # val's share of train + val: 0.15 / 0.85 of 60
+
+
+def test_use_source_split_takes_true_false_or_exact():
+    assert SplitConfig(use_source_split="exact").use_source_split == "exact"
+    with pytest.raises(ValueError, match="use_source_split"):
+        SplitConfig(use_source_split="yes")
+
+
 def test_normalization_stats():
     images = np.zeros((2, 4, 4, 3), np.uint8)
     images[1] = 255
@@ -301,6 +342,48 @@ def test_every_registered_dataset_is_valid():
     assert {"busi", "brain-mri-yes-no", "brain-tumor-4class", "bloodmnist", "derma", "derma-blood-6"} <= set(specs)
     assert [f.name for f in registry.source_files(specs["derma-blood-6"])] == [
         "derma-isic-3class.zip", "bloodmnist-pbc-28.npz"]
+
+
+MEDMNIST_2D = ("pathmnist", "dermamnist", "octmnist", "pneumoniamnist", "retinamnist", "breastmnist",
+               "bloodmnist-official", "tissuemnist", "organamnist", "organcmnist", "organsmnist")
+
+
+def test_every_single_label_medmnist_v2_dataset_is_registered_at_28_and_224_px():
+    specs = registry.load_registry()
+    for name in MEDMNIST_2D:
+        for key, size in ((name, 28), (f"{name}-224", 224)):
+            spec = specs[key]
+            (file,) = spec.files
+            assert spec.reader == "medmnist_npz" and spec.image_size == size and spec.benchmark_metric == "accuracy"
+            assert file.algorithm == "md5" and file.urls[0].startswith("https://zenodo.org/records/10519652/files/")
+            assert file.name.removesuffix(".npz") in file.urls[0] and list(spec.classes.values()) == list(
+                range(len(spec.classes)))
+
+
+@pytest.mark.parametrize("name", ["breastmnist", "retinamnist"])
+def test_the_offline_medmnist_files_read_with_their_entries(name):
+    """The mirror's official files: their MD5 is the entry's, and every label is one of its classes."""
+    import hashlib
+
+    spec = registry.get_spec(name)
+    (file,) = spec.files
+    path = MIRROR / file.name
+    if not path.is_file():
+        pytest.skip(f"no offline copy of {file.name}")
+    assert hashlib.md5(path.read_bytes()).hexdigest() == file.digest
+    with np.load(path) as arrays:
+        labels = np.concatenate([arrays[f"{s}_labels"].reshape(-1) for s in ("train", "val", "test")])
+    assert set(np.unique(labels)) == set(spec.classes.values())
+
+
+def test_a_multi_label_medmnist_file_is_refused_by_name(tmp_path):
+    spec = DatasetSpec(name="chest", reader="medmnist_npz", classes={"a": 0, "b": 1},
+                       files=[{"name": "chest.npz", "checksum": "md5:" + "0" * 32}])
+    images = np.zeros((4, 28, 28), np.uint8)
+    np.savez(tmp_path / "chest.npz", **{f"{s}_images": images for s in ("train", "val", "test")},
+             **{f"{s}_labels": np.zeros((4, 14), np.uint8) for s in ("train", "val", "test")})
+    with pytest.raises(ArchiveError, match=r"chest.npz: train_labels has 14 labels per image"):
+        read_dataset(spec, tmp_path, 28)
 
 
 def test_registry_rejects_bad_checksum_format(tmp_path):
