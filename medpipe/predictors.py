@@ -171,9 +171,10 @@ class SoftVoteClassifier:
                                  self.temperature)
 
     @classmethod
-    def load(cls, path: Path) -> SoftVoteClassifier:
-        """From ``{"members": [{"file": ..., "weight": ...}, ...], "temperature": ...}``; member paths relative to
-        the working folder; a file without a temperature serves the plain weighted mean."""
+    def load(cls, path: Path, root: Path | None = None) -> SoftVoteClassifier:
+        """From ``{"members": [{"file": ..., "weight": ...}, ...], "temperature": ...}`` (the ensemble's record, or a
+        fold average's); member paths relative to ``root`` (default: the working folder); a file without a
+        temperature serves the plain weighted mean."""
         record = read_json(path)
         members = [(m["file"], float(m["weight"])) for m in record.get("members", []) if m["weight"] > 0]
         if not members:
@@ -181,7 +182,7 @@ class SoftVoteClassifier:
         temperature = record.get("temperature", 1.0)
         if not (isinstance(temperature, int | float) and temperature > 0):
             raise ModelLoadError(f"{path}: temperature {temperature!r} is not a positive number")
-        loaded = tuple((load_model(file), weight) for file, weight in members)
+        loaded = tuple((load_model(file, root), weight) for file, weight in members)
         names = {tuple(model.class_names) for model, _ in loaded}
         if len(names) > 1:
             raise ModelLoadError(f"{path}: the members predict different classes {sorted(names)}")
@@ -229,22 +230,32 @@ def loader(path: Path, task: str | None = None) -> ModuleType:
     raise ModelLoadError(f"{path}: unknown model file type {path.suffix!r}; expected .pt, .joblib or .json")
 
 
-def load_any(path: str | Path, task: str | None = None) -> Any:
-    """A classifier or segmenter from its ``.pt`` checkpoint or ``.joblib`` file, or an ensemble's ``.json``."""
-    path = Path(path)
+def load_any(path: str | Path, task: str | None = None, root: Path | None = None) -> Any:
+    """A classifier or segmenter from its ``.pt`` checkpoint or ``.joblib`` file, or an ensemble's ``.json``;
+    ``root``: the folder a relative ``path`` (and a record's member paths) are under, default the working folder."""
+    path = Path(root, path) if root is not None else Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model file {path} does not exist: run the training stages (dvc repro)")
     if path.suffix == ".json":
-        return SoftVoteClassifier.load(path)
+        return SoftVoteClassifier.load(path, root)
     model = loader(path, task).load(path)
     if not hasattr(model, "predict_proba"):
         raise ModelLoadError(f"{path}: the loaded object has no 'predict_proba'")
     return model
 
 
-def load_model(path: str | Path) -> Any:
+def load_model(path: str | Path, root: Path | None = None) -> Any:
     """A classifier (``class_names`` and ``predict_proba`` -> (N, C)); a segmenter file is refused."""
-    model = load_any(path)
+    model = load_any(path, root=root)
     if not hasattr(model, "class_names"):
         raise ModelLoadError(f"{path} is not a classifier (it has no class names): pass a classifier's model file")
     return model
+
+
+BUNDLE_RECORD = "model.json"   # a bundled record's file in its folder (medpipe.tracking.models.bundle_record)
+
+
+def load(path: Path) -> SoftVoteClassifier:
+    """The loader MLflow calls for a record logged as a bundle: the folder holding ``model.json`` and every file it
+    names, under paths relative to the folder (``medpipe.tracking.models.bundle_record``)."""
+    return SoftVoteClassifier.load(Path(path) / BUNDLE_RECORD, root=Path(path))

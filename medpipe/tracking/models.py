@@ -98,14 +98,28 @@ def slim_checkpoint(checkpoint: Path, folder: Path) -> Path:
     return slim
 
 
-def log_model_file(model_file: Path, predictor: Any, example: np.ndarray, registered_name: str, loader: str) -> Any:
-    """Log ``model_file`` as a pyfunc loaded by ``loader`` (with the medpipe code and a signature); register it."""
+def requirements(artifact: Path) -> list[str]:
+    """The pinned packages a logged model needs: a checkpoint torch's, a scikit-learn file scikit-learn's (with the
+    frozen backbone of its features), a bundle of several models (a folder) both."""
+    if artifact.is_dir():
+        return pinned_requirements(*dict.fromkeys((*TORCH_REQUIREMENTS, *SKLEARN_REQUIREMENTS)))
+    return pinned_requirements(*(TORCH_REQUIREMENTS if artifact.suffix == ".pt" else SKLEARN_REQUIREMENTS))
+
+
+def log_model_file(model_file: Path, predictor: Any, example: np.ndarray, registered_name: str, loader: str,
+                   artifact: Path | None = None) -> Any:
+    """Log ``model_file`` as a pyfunc loaded by ``loader`` (with the medpipe code and a signature); register it.
+
+    ``artifact``: what ``loader`` loads, when it is not the file itself (a folder bundling a record and its members);
+    by default the file, a checkpoint without its optimiser state.
+    """
     from mlflow.models import infer_signature
 
     example = np.ascontiguousarray(example.astype(np.uint8))
     signature = infer_signature(example, predictor.predict_proba(example))
     with tempfile.TemporaryDirectory() as tmp:
-        artifact = slim_checkpoint(model_file, Path(tmp)) if model_file.suffix == ".pt" else model_file
+        if artifact is None:
+            artifact = slim_checkpoint(model_file, Path(tmp)) if model_file.suffix == ".pt" else model_file
         return mlflow.pyfunc.log_model(
             name="model",
             python_model=ImagePyfunc(loader),
@@ -114,17 +128,19 @@ def log_model_file(model_file: Path, predictor: Any, example: np.ndarray, regist
             input_example=example,
             registered_model_name=registered_name,
             code_paths=[str(Path(medpipe.__file__).parent)],  # the medpipe package travels with the model
-            pip_requirements=pinned_requirements(*(TORCH_REQUIREMENTS if model_file.suffix == ".pt"
-                                                   else SKLEARN_REQUIREMENTS)),
+            pip_requirements=requirements(artifact),
         )
 
 
 def log_trained_model(model_file: Path, predictor: Any, example: np.ndarray, dataset: str, name: str,
                       validation: dict[str, Any], timings: dict[str, float] | None = None,
-                      recorded_as: Path | None = None, *, loader: str) -> Any:
+                      recorded_as: Path | None = None, *, loader: str, artifact: Path | None = None,
+                      digest: str | None = None) -> Any:
     """Into the active run: validation metrics (``best_*``), timings, the registered model, the file's tags.
 
-    ``loader``: the module whose ``load(path)`` rebuilds ``predictor`` from ``model_file`` (see :class:`ImagePyfunc`).
+    ``loader``: the module whose ``load(path)`` rebuilds ``predictor`` from ``model_file`` (see :class:`ImagePyfunc`);
+    ``artifact``: what it loads when that is not the file (:func:`log_model_file`); ``digest``: what identifies the
+    model, by default the file's MD5 (a record of several models has the digest of its members' files).
 
     Does nothing outside a run (tracking switched off with ``MEDPIPE_TRACKING=off``).
     """
@@ -135,26 +151,27 @@ def log_trained_model(model_file: Path, predictor: Any, example: np.ndarray, dat
     if timings:
         mlflow.log_metrics({k: float(v) for k, v in timings.items()})
     registered = registered_model_name(dataset, name)
-    existing = find_model_version(model_file, registered)
+    digest = digest or file_md5(model_file)
+    existing = find_model_version(digest, registered)
     # ``recorded_as``: where the file will live once the stage's output folder is renamed into place
-    mlflow.set_tags({"model_file": (recorded_as or model_file).as_posix(), "model_md5": file_md5(model_file)})
+    mlflow.set_tags({"model_file": (recorded_as or model_file).as_posix(), "model_md5": digest})
     if existing is not None:  # the same file as a registered version: this run points at it, registers nothing
         mlflow.set_tags({"registered_model": registered, "registered_version": str(existing.version)})
         return existing
-    logged = log_model_file(model_file, predictor, np.array(example), registered, loader)  # memory-mapped rows too
+    logged = log_model_file(model_file, predictor, np.array(example), registered, loader,  # memory-mapped rows too
+                            artifact)
     mlflow.MlflowClient().set_registered_model_tag(registered, "dataset", dataset)
     return logged
 
 
-def find_model_version(model_file: Path, registered_name: str | None = None) -> Any | None:
-    """The registered model version logged from exactly this file (matched by its MD5), or None; with
-    ``registered_name``, a version of that registered model only."""
+def find_model_version(digest: str, registered_name: str | None = None) -> Any | None:
+    """The registered model version logged from exactly this model (matched by its ``digest``, the ``model_md5`` tag:
+    a file's MD5), or None; with ``registered_name``, a version of that registered model only."""
     from mlflow import MlflowClient
 
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
-    md5 = file_md5(model_file)
-    runs = mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.model_md5 = '{md5}'",
+    runs = mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.model_md5 = '{digest}'",
                               order_by=["attributes.start_time DESC"], output_format="list")
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     for run in runs:
@@ -165,17 +182,19 @@ def find_model_version(model_file: Path, registered_name: str | None = None) -> 
     return None
 
 
-def promote(model_file: Path, dataset: str) -> dict[str, Any]:
-    """Give the registered version logged from ``model_file`` the ``champion`` alias, and take the alias from
-    every other registered model of ``dataset``: one champion per dataset. What was done, for the log."""
+def promote(model_file: Path, dataset: str, digest: str | None = None) -> dict[str, Any]:
+    """Give the registered version logged from ``model_file`` (identified by ``digest``, by default its MD5) the
+    ``champion`` alias, and take the alias from every other registered model of ``dataset``: one champion per
+    dataset. What was done, for the log."""
     from mlflow import MlflowClient
 
     if not tracking_enabled():
         raise TrackingError("MLflow tracking is off (MEDPIPE_TRACKING): nothing to promote")
-    version = find_model_version(model_file)
+    digest = digest or file_md5(model_file)
+    version = find_model_version(digest)
     if version is None:
         raise TrackingError(f"no registered MLflow model version was logged from {model_file} (md5 "
-                            f"{file_md5(model_file)}) in {tracking_uri()}: train it with tracking on (dvc repro)")
+                            f"{digest}) in {tracking_uri()}: train it with tracking on (dvc repro)")
     client = MlflowClient(tracking_uri=tracking_uri(), registry_uri=tracking_uri())
     demoted = []
     prefix = registered_model_name(dataset, "")

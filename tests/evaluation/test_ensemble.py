@@ -142,6 +142,57 @@ def test_the_ensemble_can_be_champion_and_medpipe_predict_serves_it(voted, monke
     np.testing.assert_allclose(model.predict_proba(test.images), by_seed[record["seed"]][1], atol=1e-5)
 
 
+def test_medpipe_promote_registers_the_ensemble_as_one_mlflow_model(voted, tmp_path, monkeypatch, capsys):
+    """The ensemble champion becomes a registered MLflow model of its own (a pyfunc over its bundled members) with
+    the champion alias; it loads anywhere (the bundle, not the workspace, holds the members) and predicts what
+    medpipe-predict serves. Promoting it again registers nothing new; a fold average (a record whose members are
+    records) is bundled the same way."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from medpipe import promote
+
+    root, _ = voted
+    work = tmp_path / "work"
+    shutil.copytree(root, work)
+    monkeypatch.chdir(work)
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.setenv("DVC_ROOT", str(work))
+    monkeypatch.setenv("MEDPIPE_TRACKING", "on")
+    Path("params.yaml").write_text("dataset: toy\n")
+    test = ImageSet.load(Path("test"))
+    expected = load_model("reports/evaluate/ensemble.json").predict_proba(test.images)
+
+    promote.main(["--examples", "val"])
+    assert capsys.readouterr().out.startswith("models:/medpipe-toy-ensemble@champion -> version 1 (ensemble, ")
+    promote.main(["--examples", "val"])   # the same vote: its version, nothing registered
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
+    assert [str(v.version) for v in client.search_model_versions("name = 'medpipe-toy-ensemble'")] == ["1"]
+
+    shutil.rmtree("models")   # the registered model carries its members
+    monkeypatch.chdir(tmp_path)
+    served = mlflow.pyfunc.load_model("models:/medpipe-toy-ensemble@champion")
+    np.testing.assert_allclose(np.asarray(served.predict(test.images)), expected, atol=1e-6)
+
+    monkeypatch.chdir(work)
+    shutil.copytree(root / "models", "models")
+    record = json.loads(Path("reports/evaluate/ensemble.json").read_text())
+    folds = [{"model": m["model"], "file": m["file"], "weight": 1} for m in record["members"][:2]]
+    Path("fold_average.json").write_text(json.dumps({"model": "cnn_a", "members": folds}))
+    nested = {"model": ensemble.NAME, "temperature": 1.0,
+              "members": [{"model": "cnn_a", "file": "fold_average.json", "weight": 1.0}]}
+    Path("nested.json").write_text(json.dumps(nested))
+    Path("champion.json").write_text(json.dumps({"model": "cnn_a", "seed": 1, "file": "nested.json",
+                                                 "selected_by": "mean out-of-fold accuracy",
+                                                 "validation_score": 0.5}))
+    promote.main(["--champion", "champion.json", "--examples", "val"])
+    assert "alias taken from: medpipe-toy-ensemble" in capsys.readouterr().out
+    shutil.rmtree("models")
+    served = mlflow.pyfunc.load_model("models:/medpipe-toy-cnn_a@champion")
+    assert served.predict(test.images).shape == expected.shape
+
+
 def test_an_ensemble_file_without_a_temperature_serves_the_plain_weighted_mean(voted, monkeypatch):
     """Files written before the vote was scaled (no "temperature" key) keep predicting what they did."""
     root, _ = voted

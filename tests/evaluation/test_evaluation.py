@@ -258,7 +258,9 @@ PARAMS = {
                   "raw": {"size": 8}, "random_forest": {"n_estimators": 7}},
     "segment": {"pixel_classifier": {"n_estimators": 5, "max_depth": 4, "sigma_max": 2.0, "pixels_per_image": 20}},
     # the soft vote has tests of its own (test_ensemble.py): here the champion is chosen among hand-set scores
-    "evaluate": {"bootstrap_resamples": 50, "gradcam_per_class": 1, "grid_images": 2, "ensemble": {"enabled": False}},
+    # the toy dataset is no registry entry: champion_metric: auto would have no benchmark_metric to read
+    "evaluate": {"bootstrap_resamples": 50, "gradcam_per_class": 1, "grid_images": 2, "ensemble": {"enabled": False},
+                 "champion_metric": "balanced_accuracy"},
 }
 HEADLINE_CLASSIFIER_METRICS = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc", "ece")
 TIMING = ("second", "time", "duration", "per_second", "elapsed")
@@ -669,6 +671,17 @@ def test_bad_params_fail_before_work(workspace):
 def classical_only(**evaluate) -> dict:
     return params(classifiers=[], segmenters=[], evaluate={"tta": {"enabled": False}, "gradcam": False,
                                                           "grid_images": 0, **evaluate})
+
+
+def test_champion_metric_auto_is_the_datasets_benchmark_metric():
+    from medpipe.evaluation.config import EvaluateConfig
+    from medpipe.evaluation.stage import champion_metric
+
+    auto = EvaluateConfig()
+    assert auto.champion_metric == "auto"
+    assert champion_metric(auto, {"dataset": "breastmnist"}) == "accuracy"          # MedMNIST ranks by accuracy
+    assert champion_metric(auto, {"dataset": "busi"}) == "balanced_accuracy"        # no benchmark: fair to classes
+    assert champion_metric(EvaluateConfig(champion_metric="roc_auc"), {"dataset": "breastmnist"}) == "roc_auc"
 
 
 def test_headline_ece_uses_the_configured_bins(workspace):

@@ -410,7 +410,7 @@ def test_both_segmenters_are_registered_in_mlflow_and_served_as_they_predict(tmp
 
     from medpipe.segmentation import pixel_classifier_stage as pixel_stage
     from medpipe.predictors import load_any
-    from medpipe.tracking.models import find_model_version
+    from medpipe.tracking.models import file_md5, find_model_version
     from medpipe.segmentation import unet_stage as stage
 
     monkeypatch.setenv("MEDPIPE_TRACKING", "on")
@@ -422,7 +422,7 @@ def test_both_segmenters_are_registered_in_mlflow_and_served_as_they_predict(tmp
     pixel_stage.run(TINY, pixel)
     val = ImageSet.load(root / "val")
     for name, model_file in (("unet", unet.out / "model.pt"), ("pixel_classifier", pixel.out / "model.joblib")):
-        version = find_model_version(model_file)
+        version = find_model_version(file_md5(model_file))
         assert version is not None and version.name == f"medpipe-toy-{name}" and int(version.version) == 1
         run = mlflow.get_run(version.run_id)
         assert run.data.tags["model"] == name and "best_dice" in run.data.metrics
@@ -430,5 +430,6 @@ def test_both_segmenters_are_registered_in_mlflow_and_served_as_they_predict(tmp
         expected = load_any(model_file, "segmentation").predict_proba(val.images)
         assert served.shape == val.masks.shape
         np.testing.assert_allclose(served, expected, atol=1e-5)
-    history = mlflow.MlflowClient().get_metric_history(find_model_version(unet.out / "model.pt").run_id, "val_dice")
+    version = find_model_version(file_md5(unet.out / "model.pt"))
+    history = mlflow.MlflowClient().get_metric_history(version.run_id, "val_dice")
     assert len(history) == 2

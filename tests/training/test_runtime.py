@@ -114,3 +114,19 @@ def test_unwritable_workers_folder_is_a_user_error(workers, tmp_path, monkeypatc
     monkeypatch.setenv(runtime.WORKERS_DIR_ENV, str(blocker / "workers"))
     with pytest.raises(runtime.WorkersDirError, match="MEDPIPE_WORKERS_DIR"):
         runtime.configure_threads(1)
+
+
+@pytest.mark.parametrize(("avx512_bf16", "amx", "expected"), [(True, False, "bf16"), (False, True, "bf16"),
+                                                               (False, False, "fp32")])
+def test_precision_auto_is_bf16_only_where_the_cpu_computes_it(monkeypatch, avx512_bf16, amx, expected):
+    """An AVX2 CPU emulates bf16 (a ResNet-18 step 11x slower than fp32): auto trains it in fp32; named precisions
+    are kept whatever the hardware."""
+    from medpipe.training.device import autocast, resolve_precision
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    cpu = torch.device("cpu")
+    assert resolve_precision(cpu, "auto") == expected
+    assert resolve_precision(cpu, "bf16") == "bf16" and resolve_precision(cpu, "fp32") == "fp32"
+    with autocast(cpu, "auto"):
+        assert torch.is_autocast_enabled("cpu") == (expected == "bf16")

@@ -534,7 +534,7 @@ def test_mlflow_run_registers_a_model_that_loads_and_predicts(data, tmp_path, mo
     with caplog.at_level(logging.WARNING):
         summary = stage.run(cnn_params(epochs=2), paths)
     assert sorted(p.name for p in paths.out.iterdir()) == ["model.pt", "validation.json"]  # no MLflow sidecar
-    version = find_model_version(paths.out / "model.pt")
+    version = find_model_version(file_md5(paths.out / "model.pt"))
     assert version is not None and version.name == "medpipe-tiny-cnn_two_conv" and int(version.version) == 1
     run = mlflow.get_run(version.run_id)
     assert run.data.params["train.lr"] == "0.003" and run.data.tags["dvc_experiment"] == "exp-test"
