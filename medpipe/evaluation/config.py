@@ -40,6 +40,9 @@ class EvaluateConfig(Strict):
     # validation metric that picks the champion; auto: the one the dataset's benchmark reports (datasets.yaml
     # `benchmark_metric`), else balanced_accuracy
     champion_metric: ValidationMetric | Literal["auto"] = "auto"
+    # best_mean: the best mean reference score wins; prefer_ensemble: the ensemble, unless the best model beats it on
+    # the reference images by a paired interval that excludes 0 (docs/comparing.md)
+    champion_choice: Literal["best_mean", "prefer_ensemble"] = "prefer_ensemble"
     gradcam: bool = True
     gradcam_per_class: int = Field(3, ge=0, le=20)  # test images per class in the Grad-CAM figure
     gradcam_method: Literal["gradcam", "gradcam++", "layercam"] = "gradcam"

@@ -119,8 +119,12 @@ class Member:
         return seed if seed in self.test else None if None in self.test else False
 
 
+VALIDATION_DIR = "validation"   # reports/predictions/validation/<model>.csv: hold-out validation predictions
+
+
 def test_predictions(test: ImageSet, seeds: list[int], probas: list[np.ndarray]) -> compare.Predictions:
-    """A classifier's test predictions, one (N, C) probability array per training seed."""
+    """A classifier's predictions on ``test`` (the test split, or the validation split), one (N, C) probability
+    array per training seed."""
     return compare.Predictions(
         kind=compare.CLASSIFIER, seeds=tuple(seeds), images=np.arange(len(test)),
         sources=tuple(str(s) for s in test.source_ids), labels=test.labels, class_names=test.class_names,
@@ -301,6 +305,28 @@ def choose_champion(candidates: dict[str, list[tuple[float, Candidate]]]) -> tup
     return best, means[best], max(candidates[best], key=lambda entry: entry[0])[1]
 
 
+def prefer_ensemble(champion: tuple[str, float, Candidate] | None,
+                    candidates: dict[str, list[tuple[float, Candidate]]],
+                    reference: dict[str, compare.Predictions], cfg: EvaluateConfig
+                    ) -> tuple[tuple[str, float, Candidate] | None, dict[str, Any]]:
+    """The ensemble instead of the best model unless that model beats it on the reference images (validation, its
+    cross-fitted vote; or out-of-fold) by a paired bootstrap interval of the difference that excludes 0; the
+    comparison, for champion.json. On a few dozen validation images a best mean is mostly noise, and the vote is
+    rarely much worse than its best member (docs/experiments.md)."""
+    if champion is None or ensemble.NAME not in candidates or champion[0] == ensemble.NAME \
+            or cfg.bootstrap_resamples == 0 or champion[0] not in reference or ensemble.NAME not in reference:
+        return champion, {}
+    metric = cfg.champion_metric
+    test = compare.compare(reference[ensemble.NAME], reference[champion[0]], [metric], cfg.bootstrap_resamples,
+                           cfg.bootstrap_seed, cfg.confidence)[metric]
+    record = {"best_mean": champion[0], "its_difference": round(test.difference, 6),
+              "ci_low": round(test.ci_low, 6), "ci_high": round(test.ci_high, 6), "verdict": test.verdict}
+    if test.verdict == compare.BETTER:
+        return champion, record
+    votes = candidates[ensemble.NAME]
+    return (ensemble.NAME, float(np.mean([v for v, _ in votes])), max(votes, key=lambda entry: entry[0])[1]), record
+
+
 def out_of_fold_candidates(group: list[ModelFile], oof: compare.Predictions, metric: str,
                            ece_bins: int) -> list[tuple[float, Candidate]]:
     """[(out-of-fold ``metric`` of one seed, its files), ...]: what the champion is chosen on with cross-validation."""
@@ -309,20 +335,21 @@ def out_of_fold_candidates(group: list[ModelFile], oof: compare.Predictions, met
 
 
 def crown(champion: tuple[str, float, Candidate] | None, metric: str, ensemble_file: Path,
-          served: Callable[[ModelFile], Path], basis: str) -> dict[str, Any]:
-    """champion.json: the chosen model, the file that serves it, and the score (``basis``: validation or
-    out-of-fold) that chose it."""
+          served: Callable[[ModelFile], Path], basis: str, preferred: dict[str, Any]) -> dict[str, Any]:
+    """champion.json: the chosen model, the file that serves it, the score (``basis``: validation or out-of-fold)
+    that chose it, and the paired comparison of the ensemble with the best model (``preferred``) when one was made."""
     if champion is None:
         log.warning("no classifier has a %s %s: no champion chosen", basis, metric)
         return {}
     name, score, chosen = champion
     log.info("champion: %s (mean %s %s = %.4f)", name, basis, metric, score)
+    extra = {"ensemble_vs_best_mean": preferred} if preferred else {}
     if isinstance(chosen, Vote):
         return {"model": name, "seed": chosen.seed, "file": str(ensemble_file),
-                "selected_by": f"mean cross-fitted {basis} {metric}", "validation_score": round(score, 6)}
+                "selected_by": f"mean cross-fitted {basis} {metric}", "validation_score": round(score, 6), **extra}
     # nothing from MLflow goes into this cached output: `medpipe-promote` moves the alias, explicitly
     return {"model": name, "seed": chosen.seed, "file": str(served(chosen)), "selected_by": f"mean {basis} {metric}",
-            "validation_score": round(score, 6)}
+            "validation_score": round(score, 6), **extra}
 
 
 def fold_record_name(mf: ModelFile) -> str:
@@ -370,6 +397,7 @@ def run(params: dict, paths: EvaluatePaths) -> dict[str, Any]:
 
     predictions: dict[str, compare.Predictions] = {}
     oof: dict[str, compare.Predictions] = {}
+    validation: dict[str, compare.Predictions] = {}   # hold-out: each classifier's on the validation split
     details: dict[str, Any] = {}
     members: dict[str, Member] = {}
     candidates: dict[str, list[tuple[float, Candidate]]] = {}
@@ -383,6 +411,9 @@ def run(params: dict, paths: EvaluatePaths) -> dict[str, Any]:
                 predictions[name], by_seed, members[name], oof_pred = evaluate_classifier(group, test, reference,
                                                                                           cfg, seed, out)
                 details[name] = {"seeds": by_seed}
+                if folds is None and reference.images is not None:
+                    validation[name] = test_predictions(reference.images, list(predictions[name].seeds),
+                                                        list(members[name].val.values()))
                 if oof_pred is not None:
                     candidates[name] = out_of_fold_candidates(group, oof_pred, cfg.champion_metric, cfg.ece_bins)
             else:
@@ -399,6 +430,9 @@ def run(params: dict, paths: EvaluatePaths) -> dict[str, Any]:
             if folds is not None:   # the cross-fitted vote: each image voted by weights chosen without it
                 oof[ensemble.NAME] = crossval.classifier_predictions(folds.pool, [v.seed for v in votes],
                                                                      [v.vote.cross_fitted for v in votes])
+            else:
+                validation[ensemble.NAME] = test_predictions(reference.images, [v.seed for v in votes],
+                                                             [v.vote.cross_fitted for v in votes])
             best_vote = max(votes, key=lambda v: v.vote.validation_score)
             write_json(det / ensemble.FILE, best_vote.record(f"{basis} {cfg.champion_metric}", served))
         for name, p in predictions.items():
@@ -406,6 +440,10 @@ def run(params: dict, paths: EvaluatePaths) -> dict[str, Any]:
             mean, std = mean_std(per_seed)
             details[name].update({"headline_per_seed": per_seed, "mean": mean, "std": std})
             with atomic_path(pred_dir / f"{name}.csv") as tmp:
+                tmp.write_text(compare.to_csv(p))
+        for name, p in validation.items():
+            (pred_dir / VALIDATION_DIR).mkdir(exist_ok=True)
+            with atomic_path(pred_dir / VALIDATION_DIR / f"{name}.csv") as tmp:
                 tmp.write_text(compare.to_csv(p))
         for name, p in oof.items():
             details[name]["out_of_fold"] = out_of_fold_details(p, cfg)
@@ -418,8 +456,11 @@ def run(params: dict, paths: EvaluatePaths) -> dict[str, Any]:
             if mf.folds:
                 (det / fold_record_name(mf)).parent.mkdir(exist_ok=True)
                 write_json(det / fold_record_name(mf), crossval.fold_record(mf))
-        champion = crown(choose_champion(candidates), cfg.champion_metric, paths.details / ensemble.FILE, served,
-                         basis)
+        champion = choose_champion(candidates)
+        preferred: dict[str, Any] = {}
+        if cfg.champion_choice == "prefer_ensemble":
+            champion, preferred = prefer_ensemble(champion, candidates, oof if folds is not None else validation, cfg)
+        champion = crown(champion, cfg.champion_metric, paths.details / ensemble.FILE, served, basis, preferred)
         verdicts = {"test": champion_verdicts(predictions, champion, cfg),
                     "out_of_fold": champion_verdicts(oof, champion, cfg)}
         headline = headline_metrics(predictions, champion, cfg, oof, folds)

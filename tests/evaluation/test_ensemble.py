@@ -226,3 +226,36 @@ def test_a_model_may_not_be_called_ensemble(tmp_path):
 
     with pytest.raises(ParamsError, match="classifiers: 'ensemble' is the evaluate stage's soft vote"):
         run(params(classifiers=["cnn_a", "ensemble"]), paths(tmp_path))
+
+
+@pytest.mark.parametrize(("best_right", "expected"), [(150, "cnn_a"), (124, ensemble.NAME)])
+def test_prefer_ensemble_keeps_the_best_model_only_when_it_beats_the_vote_beyond_noise(best_right, expected):
+    """On 200 validation images the vote gets 120 right; a model with 150 right beats it beyond noise and stays
+    champion, one with 124 right is within noise of it and the vote is champion, with the comparison recorded."""
+    from medpipe.evaluation import compare
+    from medpipe.evaluation.config import EvaluateConfig
+    from medpipe.evaluation.stage import prefer_ensemble
+
+    labels = np.arange(200) % 3
+    rng = np.random.default_rng(0)
+
+    def on_validation(right: int) -> compare.Predictions:
+        hit = np.zeros(200, bool)
+        hit[rng.permutation(200)[:right]] = True
+        return compare.Predictions(kind=compare.CLASSIFIER, seeds=(1,), images=np.arange(200),
+                                   sources=tuple(f"v{i}" for i in range(200)), labels=labels,
+                                   class_names=("a", "b", "c"), proba=one_hot_ish(labels, hit, 0.8)[None])
+
+    reference = {"cnn_a": on_validation(best_right), ensemble.NAME: on_validation(120)}
+    candidates = {"cnn_a": [(best_right / 200, "cnn_a file")], ensemble.NAME: [(0.6, "vote of seed 1")]}
+    cfg = EvaluateConfig(champion_metric="accuracy", bootstrap_resamples=500)
+    (name, score, chosen), record = prefer_ensemble(("cnn_a", best_right / 200, "cnn_a file"), candidates, reference,
+                                                    cfg)
+    assert name == expected and record["best_mean"] == "cnn_a"
+    assert record["verdict"] == ("better" if expected == "cnn_a" else "within noise")
+    assert record["its_difference"] == pytest.approx((best_right - 120) / 200)
+    if expected == ensemble.NAME:
+        assert (score, chosen) == (0.6, "vote of seed 1")
+    best_mean = EvaluateConfig(champion_metric="accuracy", champion_choice="best_mean")
+    assert best_mean.champion_choice == "best_mean"
+    assert prefer_ensemble(None, candidates, reference, cfg) == (None, {})
