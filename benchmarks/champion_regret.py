@@ -10,7 +10,8 @@ metric `evaluate.champion_metric` resolves to; the regret is the best candidate'
 (`reports/predictions/*.csv`), with the paired 95% bootstrap interval of that difference on the test images.
 Rules: `best_mean` (the best validation score) and `prefer_ensemble` (the ensemble unless the best model beats it
 on validation beyond noise). Printed: per rule the champion of each seed, its test accuracy and ROC AUC, the
-regret of each seed and whether it lies within the paired interval, and the mean over seeds.
+regret of each seed and whether it lies within the paired interval, and the mean over seeds. Last, the ensemble's
+greedy weights against an equal-weight mean of every classifier, paired on the test images over the seeds.
 """
 
 from __future__ import annotations
@@ -82,6 +83,18 @@ def regret_rows(workspace: Path) -> tuple[str, str, list[dict]]:
     return params["dataset"], metric, rows
 
 
+def uniform_vs_greedy(workspace: Path, metrics: tuple[str, ...] = ("accuracy", "roc_auc")) -> str:
+    """The equal-weight mean of every classifier against the ensemble's vote, per seed, paired over the seeds."""
+    test = load(workspace / "reports/predictions")
+    vote = test[ensemble.NAME]
+    members = [name for name in test if name != ensemble.NAME]
+    mean = np.stack([np.mean([one_seed(test[m], s).proba[0] for m in members], axis=0) for s in vote.seeds])
+    uniform = dataclasses.replace(vote, proba=mean)
+    verdicts = compare.compare(vote, uniform, list(metrics), 1000, 0, 0.95)
+    return "; ".join(f"{m} {v.base:.4f} -> {v.head:.4f}, {v.difference:+.4f} [{v.ci_low:+.4f}, {v.ci_high:+.4f}] "
+                     f"{v.verdict}" for m, v in verdicts.items())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("workspaces", nargs="+", type=Path)
@@ -102,6 +115,7 @@ def main() -> None:
             print(f"{rule}: mean regret {np.mean([r['regret'] for r in mine]):.4f} over {len(mine)} seeds; champion "
                   f"test ACC {acc.mean():.4f} ± {acc.std(ddof=1) if len(acc) > 1 else 0:.4f}, "
                   f"AUC {auc.mean():.4f} ± {auc.std(ddof=1) if len(auc) > 1 else 0:.4f}")
+        print(f"equal weights instead of the greedy vote: {uniform_vs_greedy(workspace)}")
 
 
 if __name__ == "__main__":
