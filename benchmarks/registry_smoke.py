@@ -3,6 +3,7 @@
     python benchmarks/registry_smoke.py                       # every entry, the default params.yaml
     python benchmarks/registry_smoke.py --quick               # every deep model one epoch (the stated override)
     python benchmarks/registry_smoke.py busi derma --quick    # some entries
+    python benchmarks/registry_smoke.py --offline-only        # only entries whose files the offline copy holds
 
 The repository (what git tracks, plus uncommitted changes) is copied to a temporary folder outside the checkout
 and committed there; each entry then runs as `dvc exp run -S dataset=NAME [overrides]` in that copy, one after
@@ -48,6 +49,14 @@ def error_line(text: str) -> str:
     return (own or lines or [""])[-1][:160]
 
 
+def needs_internet(registry: dict, name: str, mirror: Path) -> list[str]:
+    """The files of entry ``name`` (and of the entries it composes) that only a URL gives: not in the offline copy
+    and not built from a public source repository."""
+    entry = registry[name]
+    missing = [f["name"] for f in entry.get("files", []) if "source" not in f and not (mirror / f["name"]).is_file()]
+    return missing + [m for part in entry.get("compose", []) for m in needs_internet(registry, part["dataset"], mirror)]
+
+
 def run_entry(repo: Path, env: dict, name: str, overrides: list[str]) -> dict:
     command = ["dvc", "exp", "run", "-S", f"dataset={name}", *(a for o in overrides for a in ("-S", o))]
     start = time.perf_counter()
@@ -81,6 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("datasets", nargs="*", help="entries of datasets.yaml (default: every entry)")
     parser.add_argument("--quick", action="store_true", help="one epoch for every deep model: " + " ".join(QUICK))
     parser.add_argument("--keep", action="store_true", help="keep the temporary copy and the logs")
+    parser.add_argument("--offline-only", action="store_true",
+                        help="leave out (and list) the entries whose files only a download from a URL gives")
     args = parser.parse_args(argv)
     registry = yaml.safe_load((ROOT / "datasets.yaml").read_text())
     names = args.datasets or list(registry)
@@ -90,6 +101,11 @@ def main(argv: list[str] | None = None) -> None:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     overrides = quick_overrides(params) if args.quick else []
     mirror = os.environ.get("MEDPIPE_DATA_MIRROR") or str(ROOT.parent / "shared" / "datasets")
+    if args.offline_only:
+        online = {name: files for name in names if (files := needs_internet(registry, name, Path(mirror)))}
+        for name, files in online.items():
+            print(f"{name}: not run, needs the internet ({', '.join(files)})")
+        names = [name for name in names if name not in online]
     base = Path(tempfile.mkdtemp(prefix="registry-smoke-"))
     repo = base / "repo"
     repo.mkdir()

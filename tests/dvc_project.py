@@ -85,6 +85,20 @@ def restore(repo: Path, env: dict, check: bool = True) -> None:
     run(["dvc", "checkout", "--force"], repo, env, check=check)
 
 
+def champion_digest(repo: Path, champion: dict) -> str:
+    """The ``model_md5`` tag of the champion's registered version: its file's MD5, or for a record of several models
+    (the ensemble) the digest of its members (``medpipe.promote.record_digest``, member paths read in ``repo``)."""
+    import contextlib
+    import hashlib
+
+    from medpipe.promote import record_digest
+
+    if champion["file"].endswith(".json"):
+        with contextlib.chdir(repo):
+            return record_digest(Path(champion["file"]))
+    return hashlib.md5((repo / champion["file"]).read_bytes()).hexdigest()
+
+
 def numbers_in(value) -> int:
     if isinstance(value, dict):
         return sum(numbers_in(v) for v in value.values())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shlex
 import shutil
@@ -13,7 +12,7 @@ import pytest
 import yaml
 
 from medpipe.data.imageset import ImageSet
-from tests.dvc_project import ROOT, commit, copy_repository, numbers_in, ran, restore, run
+from tests.dvc_project import ROOT, champion_digest, commit, copy_repository, numbers_in, ran, restore, run
 
 pytestmark = pytest.mark.integration
 
@@ -151,8 +150,7 @@ def test_full_pipeline_is_reproducible_and_reruns_exactly_what_changed(project):
     registered = f"medpipe-tiny-{champion['model']}"
     assert promoted.startswith(f"models:/{registered}@champion -> version ")
     version = client.get_model_version_by_alias(registered, "champion")
-    assert client.get_run(version.run_id).data.tags["model_md5"] == hashlib.md5(
-        (repo / champion["file"]).read_bytes()).hexdigest()
+    assert client.get_run(version.run_id).data.tags["model_md5"] == champion_digest(repo, champion)
 
 
 def test_cross_validation_trains_only_the_fold_stages_and_hold_out_stays_byte_identical(project):

@@ -33,7 +33,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.dvc_project import ROOT, commit, ran, run
+from tests.dvc_project import ROOT, champion_digest, commit, ran, run
 
 pytestmark = pytest.mark.integration
 
@@ -204,7 +204,7 @@ def test_tracking_server_gets_runs_and_models_and_serves_the_champion(team, tmp_
         version = client.get_model_version_by_alias(registered, "champion")
         champion_run = client.get_run(version.run_id)
         assert champion_run.data.tags["model_file"] == champion["file"]
-        assert champion_run.data.tags["model_md5"] == md5(repo / champion["file"])
+        assert champion_run.data.tags["model_md5"] == champion_digest(repo, champion)
 
         serve = ["mlflow", "models", "serve", "-m", f"models:/{registered}@champion",
                  "-h", "127.0.0.1", "-p", str(serve_port), "--env-manager", "local", "-w", "1"]
