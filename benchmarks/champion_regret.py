@@ -1,6 +1,7 @@
 """The champion's regret: how much test score the champion choice leaves on the table, per champion rule.
 
     python benchmarks/champion_regret.py /path/to/workspace [...]      # workspaces where `dvc repro` ran evaluate
+    python benchmarks/champion_regret.py LEVER --against BASE          # also: every model of LEVER against BASE
 
 Each workspace is a finished run with several training seeds (`seeds: [42, 43, 44]`). Each seed stands for one
 single-seed run of the pipeline: its deep models, the classical models (trained once, the same in every seed) and
@@ -95,9 +96,23 @@ def uniform_vs_greedy(workspace: Path, metrics: tuple[str, ...] = ("accuracy", "
                      f"{v.verdict}" for m, v in verdicts.items())
 
 
+def against(base: Path, head: Path, metrics: tuple[str, ...] = ("accuracy", "roc_auc")) -> list[str]:
+    """Each classifier of ``head`` against the same model of ``base`` (two runs on the same test images, e.g. a lever
+    and the default), paired over the images and seeds: one line per model."""
+    before, after = load(base / "reports/predictions"), load(head / "reports/predictions")
+    lines = []
+    for name in sorted(set(before) & set(after)):
+        verdicts = compare.compare(before[name], after[name], list(metrics), 1000, 0, 0.95)
+        lines.append(f"{name}: " + "; ".join(f"{m} {v.base:.4f} -> {v.head:.4f}, {v.difference:+.4f} "
+                                             f"[{v.ci_low:+.4f}, {v.ci_high:+.4f}] {v.verdict}"
+                                             for m, v in verdicts.items()))
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("workspaces", nargs="+", type=Path)
+    parser.add_argument("--against", type=Path, help="a run on the same test images to compare every model with")
     args = parser.parse_args()
     for workspace in args.workspaces:
         dataset, metric, rows = regret_rows(workspace)
@@ -116,6 +131,8 @@ def main() -> None:
                   f"test ACC {acc.mean():.4f} ± {acc.std(ddof=1) if len(acc) > 1 else 0:.4f}, "
                   f"AUC {auc.mean():.4f} ± {auc.std(ddof=1) if len(auc) > 1 else 0:.4f}")
         print(f"equal weights instead of the greedy vote: {uniform_vs_greedy(workspace)}")
+        if args.against:
+            print(f"against {args.against}:", *against(args.against, workspace), sep="\n")
 
 
 if __name__ == "__main__":
