@@ -252,10 +252,10 @@ def load_model(path: str | Path, root: Path | None = None) -> Any:
     return model
 
 
-BUNDLE_RECORD = "model.json"   # a bundled record's file in its folder (medpipe.tracking.models.bundle_record)
+BUNDLE_RECORD = "model.json"   # a bundled record's file in its folder (medpipe.promote.bundle_record)
 
 
 def load(path: Path) -> SoftVoteClassifier:
     """The loader MLflow calls for a record logged as a bundle: the folder holding ``model.json`` and every file it
-    names, under paths relative to the folder (``medpipe.tracking.models.bundle_record``)."""
+    names, under paths relative to the folder (``medpipe.promote.bundle_record``)."""
     return SoftVoteClassifier.load(Path(path) / BUNDLE_RECORD, root=Path(path))
